@@ -1,0 +1,404 @@
+"""Batched BT-MLE and variance-reduced (VR / PPI++) estimators: :func:`fit_bt`.
+
+METHOD.md section 2. For the logistic loss ``l(delta, q) = softplus(delta) - q delta``,
+so every objective here is, per replication,
+
+    F(theta) = sum_rows [ c_r softplus(x_r . theta) - t_r x_r . theta ] + ridge/2 |theta|^2
+
+with labelled rows ``c = (1 - lam)/n``, ``t = (Z - lam g)/n`` and extra-pair rows
+``c = lam / N_aux``, ``t = lam g_aux / N_aux`` (``N_aux = n M`` or ``N``). ``F`` is
+convex for ``0 <= lam <= 1`` and is minimised by damped Newton, all replications
+(the leading ``...`` axes) at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import expit
+from scipy.stats import norm
+
+from .variance import VarianceParts, pair_hessian, pair_score
+
+__all__ = ["fit_bt", "FitResult", "VRPOInputError", "ConvergenceWarning"]
+
+
+class VRPOInputError(ValueError):
+    """Raised for malformed estimator inputs (shapes, ranges, NaN, too few pairs)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Some replications did not converge (typically separable samples)."""
+
+
+@dataclass
+class FitResult:
+    """Result of :func:`fit_bt` for a batch of replications.
+
+    Attributes
+    ----------
+    theta : (..., d) point estimates.
+    cov : (..., d, d) sandwich estimate of ``Cov(theta_hat)`` (= V / n), clustered by
+        prompt when extra pairs share the labelled prompt.
+    lam : (...,) the ``lam`` used (the power-tuned value for ``lam="auto"``).
+    converged : (...,) bool; ``False`` flags non-convergence (separable or nearly
+        separable samples, or a non-convex objective for ``lam > 1``). ``theta``
+        is then the last finite iterate, never inf/NaN.
+    n_iter : (...,) Newton iterations used (the final fit for ``lam="auto"``).
+    hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich.
+    parts : :class:`~vrpo.variance.VarianceParts` at ``theta``, from which
+        ``cov`` was computed (``parts.cov(lam)`` for any other ``lam``).
+    n : number of labelled pairs; aux : ``"none" | "same" | "fresh"``.
+    """
+
+    theta: np.ndarray
+    cov: np.ndarray
+    lam: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    hessian: np.ndarray
+    parts: VarianceParts = field(repr=False)
+    n: int = 0
+    aux: str = "none"
+
+    @property
+    def se(self) -> np.ndarray:
+        """Standard errors ``sqrt(diag(cov))``, ``(..., d)``."""
+        return np.sqrt(np.clip(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0, None))
+
+    def conf_int(self, alpha: float = 0.05) -> np.ndarray:
+        """Two-sided Wald intervals ``theta +- z_{1-alpha/2} se``; ``(..., d, 2)``."""
+        if not 0.0 < alpha < 1.0:
+            raise VRPOInputError(f"alpha must be in (0, 1), got {alpha!r}")
+        z = norm.ppf(1.0 - alpha / 2.0)
+        half = z * self.se
+        return np.stack([self.theta - half, self.theta + half], axis=-1)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_float(name, a):
+    try:
+        arr = np.asarray(a, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise VRPOInputError(f"{name} must be a numeric array: {e}") from None
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise VRPOInputError(f"{name} contains {bad} NaN or infinite value(s)")
+    return arr
+
+
+def _check_prob(name, a):
+    if a.size and (a.min() < 0.0 or a.max() > 1.0):
+        raise VRPOInputError(
+            f"{name} must lie in [0, 1] (labels or probabilities); found values in [{a.min():.4g}, {a.max():.4g}]"
+        )
+
+
+def _validate(X, Z, g, X_aux, g_aux, lam):
+    X = _as_float("X", X)
+    if X.ndim < 2:
+        raise VRPOInputError(f"X must have shape (..., n, d); got shape {X.shape}")
+    *batch, n, d = X.shape
+    batch = tuple(batch)
+    if d < 1:
+        raise VRPOInputError("X has no feature columns (d = 0)")
+    if n < d:
+        raise VRPOInputError(f"need at least d = {d} labelled pairs, got n = {n}")
+    Z = _as_float("Z", Z)
+    if Z.shape != X.shape[:-1]:
+        raise VRPOInputError(f"Z must have shape {X.shape[:-1]} (X.shape[:-1]); got {Z.shape}")
+    _check_prob("Z", Z)
+
+    if isinstance(lam, str):
+        if lam != "auto":
+            raise VRPOInputError(f"lam must be a number >= 0 or 'auto'; got {lam!r}")
+    else:
+        lam_arr = _as_float("lam", lam)
+        if lam_arr.ndim > 0 and lam_arr.shape != batch:
+            raise VRPOInputError(f"array lam must have the batch shape {batch}; got {lam_arr.shape}")
+        if np.any(lam_arr < 0):
+            raise VRPOInputError(f"lam must be >= 0; got {lam!r}")
+        if np.all(lam_arr == 0):
+            return X, Z, None, None, None, "none", 0.0
+        lam = lam_arr
+
+    if g is None or X_aux is None or g_aux is None:
+        missing = [k for k, v in (("g", g), ("X_aux", X_aux), ("g_aux", g_aux)) if v is None]
+        raise VRPOInputError(f"lam != 0 needs the auxiliary model and extra pairs; missing {', '.join(missing)}")
+    g = _as_float("g", g)
+    if g.shape != Z.shape:
+        raise VRPOInputError(f"g must have the shape of Z {Z.shape}; got {g.shape}")
+    _check_prob("g", g)
+    X_aux = _as_float("X_aux", X_aux)
+    g_aux = _as_float("g_aux", g_aux)
+    if X_aux.shape[-1:] != (d,):
+        raise VRPOInputError(f"X_aux must end in the feature axis d = {d}; got shape {X_aux.shape}")
+    if X_aux.ndim == X.ndim + 1:
+        mode = "same"
+        if X_aux.shape[:-2] != X.shape[:-1]:
+            raise VRPOInputError(
+                f"X_aux for same-prompt pairs must have shape (..., n, M, d) = {X.shape[:-1] + ('M', d)}; got {X_aux.shape}"
+            )
+        if X_aux.shape[-2] < 1:
+            raise VRPOInputError("X_aux has M = 0 extra pairs per prompt")
+    elif X_aux.ndim == X.ndim:
+        mode = "fresh"
+        if X_aux.shape[:-2] != batch:
+            raise VRPOInputError(
+                f"X_aux for fresh prompts must have shape (..., N, d) with batch shape {batch}; got {X_aux.shape}"
+            )
+        if X_aux.shape[-2] < 1:
+            raise VRPOInputError("X_aux has N = 0 extra pairs")
+    else:
+        raise VRPOInputError(
+            f"X_aux must have shape (..., n, M, d) (same prompts) or (..., N, d) (fresh prompts); got {X_aux.shape}"
+        )
+    if g_aux.shape != X_aux.shape[:-1]:
+        raise VRPOInputError(f"g_aux must have shape {X_aux.shape[:-1]} (X_aux.shape[:-1]); got {g_aux.shape}")
+    _check_prob("g_aux", g_aux)
+    return X, Z, g, X_aux, g_aux, mode, lam
+
+
+# --------------------------------------------------------------------------- objective
+
+
+@dataclass
+class _Blocks:
+    """Rows of the objective for R flattened replications: lists of (X, c, t)."""
+
+    X: list  # each (R, rows, d)
+    c: list  # each (R, rows)
+    t: list  # each (R, rows)
+
+    def take(self, idx):
+        return _Blocks([x[idx] for x in self.X], [c[idx] for c in self.c], [t[idx] for t in self.t])
+
+
+def _objective_blocks(X, Z, g, Xa, ga, lam):
+    """Rows of ``F`` (module docstring); ``lam``: ``(R,)``; arrays flattened to R."""
+    n = X.shape[1]
+    lam_ = lam[:, None]
+    if Xa is None:
+        return _Blocks([X], [np.full(Z.shape, 1.0 / n)], [Z / n])
+    Na = Xa.shape[1]
+    return _Blocks(
+        [X, Xa],
+        [np.broadcast_to((1.0 - lam_) / n, Z.shape), np.broadcast_to(lam_ / Na, ga.shape)],
+        [(Z - lam_ * g) / n, lam_ * ga / Na],
+    )
+
+
+def _eval(blocks, theta, ridge, order):
+    """Objective value, gradient (order>=1) and Hessian (order>=2) per replication."""
+    f = 0.5 * ridge * np.sum(theta**2, axis=-1)
+    grad = ridge * theta if order >= 1 else None
+    hess = None
+    if order >= 2:
+        hess = np.broadcast_to(ridge * np.eye(theta.shape[-1]), theta.shape + theta.shape[-1:]).copy()
+    for Xb, c, t in zip(blocks.X, blocks.c, blocks.t):
+        delta = np.matmul(Xb, theta[:, :, None])[..., 0]  # (R, rows)
+        f = f + np.sum(c * np.logaddexp(0.0, delta) - t * delta, axis=-1)
+        if order >= 1:
+            s = expit(delta)
+            grad = grad + np.matmul((c * s - t)[:, None, :], Xb)[:, 0, :]  # (R, d)
+        if order >= 2:
+            hess = hess + np.matmul(np.swapaxes(Xb, 1, 2), (c * s * (1.0 - s))[..., None] * Xb)  # (R, d, d)
+    return f, grad, hess
+
+
+def _newton(blocks, theta0, ridge, tol, max_iter):
+    """Damped Newton with Armijo backtracking, batched over replications.
+
+    Converged when the Newton step satisfies ``max|step| <= tol (1 + max|theta|)``.
+    Replications that converge drop out of the working set. Returns
+    ``(theta, converged, n_iter)``.
+    """
+    R, d = theta0.shape
+    theta = theta0.copy()
+    converged = np.zeros(R, dtype=bool)
+    n_iter = np.zeros(R, dtype=int)
+    active = np.arange(R)
+    work = blocks
+    th = theta.copy()
+    eye = np.eye(d)
+    for it in range(1, max_iter + 1):
+        f, grad, hess = _eval(work, th, ridge, 2)
+        # Regularise tiny/indefinite Hessians so the solve is always defined.
+        scale = np.trace(hess, axis1=1, axis2=2)[:, None, None] / d
+        jitter = 1e-12 * np.maximum(scale, 1e-300)
+        try:
+            step = -np.linalg.solve(hess + jitter * eye, grad[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = -np.matmul(np.linalg.pinv(hess, hermitian=True), grad[..., None])[..., 0]
+        slope = np.sum(grad * step, axis=-1)
+        # Non-descent directions (possible only for lam > 1): fall back to gradient.
+        bad = ~(slope < 0)
+        step[bad] = -grad[bad]
+        slope[bad] = -np.sum(grad[bad] ** 2, axis=-1)
+        alpha = np.ones(len(active))
+        need = np.arange(len(active))
+        for _ in range(40):
+            cand = th[need] + alpha[need, None] * step[need]
+            f_new, _, _ = _eval(work.take(need), cand, ridge, 0)
+            ok = np.isfinite(f_new) & (f_new <= f[need] + 1e-4 * alpha[need] * slope[need] + 1e-15 * np.abs(f[need]))
+            need = need[~ok]
+            if need.size == 0:
+                break
+            alpha[need] *= 0.5
+        th = th + alpha[:, None] * step
+        n_iter[active] = it
+        done = np.max(np.abs(alpha[:, None] * step), axis=-1) <= tol * (1.0 + np.max(np.abs(th), axis=-1))
+        done |= np.abs(slope) < 1e-30  # exact stationary point
+        theta[active] = th
+        if np.any(done):
+            converged[active[done]] = True
+            keep = ~done
+            active = active[keep]
+            if active.size == 0:
+                break
+            th = th[keep]
+            work = work.take(np.flatnonzero(keep))
+    return theta, converged, n_iter
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam_is_zero):
+    """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`."""
+    R, n, d = X.shape
+    a = pair_score(theta, X, Z)  # (R, n, d)
+    H_lab = pair_hessian(theta, X)  # (R, d, d)
+    if mode == "none" or lam_is_zero:
+        H = H_lab + ridge * np.eye(d)
+        return VarianceParts.from_scores(H, a), H
+    b = -pair_score(theta, X, g)  # (R, n, d)
+    if mode == "same":
+        M = Xa.shape[2]
+        Xa_flat = Xa.reshape(R, n * M, d)
+        ca = pair_score(theta, Xa_flat, ga.reshape(R, n * M)).reshape(R, n, M, d)
+        b = b + ca.mean(axis=2)  # cluster by prompt
+        H_aux = pair_hessian(theta, Xa_flat)
+        H = (H_lab + M * H_aux) / (1.0 + M) + ridge * np.eye(d)
+        return VarianceParts.from_scores(H, a, b), H
+    N = Xa.shape[1]
+    c = pair_score(theta, Xa, ga)  # (R, N, d)
+    H_aux = pair_hessian(theta, Xa)
+    H = (n * H_lab + N * H_aux) / (n + N) + ridge * np.eye(d)
+    return VarianceParts.from_scores(H, a, b, c, n_over_N=n / N), H
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fit_bt(
+    X,
+    Z,
+    g=None,
+    X_aux=None,
+    g_aux=None,
+    lam=1.0,
+    *,
+    ridge: float = 0.0,
+    lam_coord: int | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 100,
+    theta0=None,
+    warn: bool = True,
+) -> FitResult:
+    """Fit the BT reward ``theta`` by BT-MLE, VR or power-tuned VR, batched.
+
+    Parameters
+    ----------
+    X : (..., n, d) margin features ``phi(x, y1) - phi(x, y2)`` of the labelled pairs.
+    Z : (..., n) labels in [0, 1] (1: ``y1`` preferred; soft labels, ties as 0.5).
+    g : (..., n) auxiliary probabilities ``g(x, y1, y2)`` on the labelled pairs.
+    X_aux, g_aux : extra unlabelled pairs from ``pi_ref``: ``(..., n, M, d)`` /
+        ``(..., n, M)`` when they share the labelled prompts (covariance clustered
+        by prompt), or ``(..., N, d)`` / ``(..., N)`` from fresh prompts.
+    lam : ``0`` is BT-MLE (``g`` and extra pairs ignored); ``1`` the paper's VR
+        estimator; ``"auto"`` the PPI++ power-tuned value minimising the estimated
+        ``tr V`` (or ``V[lam_coord, lam_coord]``), clipped to [0, 1], computed at a
+        BT-MLE pilot; an array of the batch shape gives one ``lam`` per replication.
+        ``lam > 1`` is allowed but the objective may then be non-convex.
+    ridge : L2 penalty ``ridge/2 |theta|^2`` on the (mean-normalised) objective;
+        0 (default) means none.
+    tol, max_iter : Newton stopping rule (step ``<= tol (1 + |theta|_inf)``).
+    theta0 : (..., d) starting point (default zeros).
+    warn : emit a :class:`ConvergenceWarning` when replications fail to converge.
+
+    Leading ``...`` axes are independent replications solved together.
+
+    Returns
+    -------
+    FitResult with ``theta (..., d)``, ``cov (..., d, d)``, ``lam (...,)``,
+    ``converged (...,)``, ``n_iter``, ``hessian`` and ``conf_int(alpha)``.
+    """
+    X, Z, g, Xa, ga, mode, lam_v = _validate(X, Z, g, X_aux, g_aux, lam)
+    if ridge < 0 or not np.isfinite(ridge):
+        raise VRPOInputError(f"ridge must be a finite number >= 0; got {ridge!r}")
+    *batch, n, d = X.shape
+    batch = tuple(batch)
+    R = int(np.prod(batch)) if batch else 1
+    Xf = X.reshape(R, n, d)
+    Zf = Z.reshape(R, n)
+    gf = g.reshape(R, n) if g is not None else None
+    if Xa is not None:
+        Xaf = Xa.reshape((R,) + Xa.shape[len(batch):])
+        gaf = ga.reshape((R,) + ga.shape[len(batch):])
+    else:
+        Xaf = gaf = None
+    if mode == "same":
+        M = Xaf.shape[2]
+        Xa_rows, ga_rows = Xaf.reshape(R, n * M, d), gaf.reshape(R, n * M)
+    else:
+        Xa_rows, ga_rows = Xaf, gaf
+    th0 = np.zeros((R, d)) if theta0 is None else _as_float("theta0", np.broadcast_to(theta0, batch + (d,))).reshape(R, d)
+
+    if mode == "none":
+        lam_f = np.zeros(R)
+    elif isinstance(lam_v, str):  # "auto": pilot MLE, PPI++ lam, refit
+        pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
+        parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge, False)
+        lam_f = parts.lam_opt(coord=lam_coord)
+        th0 = pilot
+    else:
+        lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
+
+    blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
+    theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
+    if isinstance(lam_v, str):
+        converged &= conv_p
+    parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, mode == "none")
+    cov = parts.cov(lam_f)
+    if warn and not np.all(converged):
+        k = int(np.sum(~converged))
+        warnings.warn(
+            f"fit_bt: {k} of {R} replication(s) did not converge in {max_iter} Newton steps "
+            "(separable or nearly separable samples?); they are flagged in .converged",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+
+    def unflat(a, tail=()):
+        return a.reshape(batch + tail)
+
+    parts_out = VarianceParts(
+        A=unflat(parts.A, (d, d)), S0=unflat(parts.S0, (d, d)), S1=unflat(parts.S1, (d, d)),
+        S2=unflat(parts.S2, (d, d)), n=parts.n,
+    )
+    return FitResult(
+        theta=unflat(theta, (d,)),
+        cov=unflat(cov, (d, d)),
+        lam=unflat(lam_f),
+        converged=unflat(converged),
+        n_iter=unflat(n_iter),
+        hessian=unflat(H, (d, d)),
+        parts=parts_out,
+        n=n,
+        aux=mode,
+    )

@@ -1,0 +1,165 @@
+"""Per-pair scores, Hessians and the sandwich covariance as a quadratic in ``lam``.
+
+METHOD.md section 3. For the logistic loss the per-pair score (gradient of
+``l(delta, q)`` in ``theta``) is ``(sigma(delta) - q) X`` and the per-pair
+Hessian ``sigma(delta)(1 - sigma(delta)) X X^T``, whatever ``q`` is.
+
+The VR score of one labelled prompt is ``psi = a + lam * b`` with
+
+- ``a = (s - Z) X``: the BT-MLE score of the labelled pair,
+- ``b = -(s - g) X + (1/M) sum_m (s_m - g_m) X_m``: the correction (the second
+  part only when the extra pairs share the prompt),
+
+and with fresh prompts each extra pair contributes ``lam * c``,
+``c = (s_j - g_j) X_j``, independently of the labelled pairs. Hence
+
+    n Cov(theta_hat) ~ A (S0 + lam S1 + lam^2 S2) A,   A = H^-1,
+
+``S0 = Cov(a)``, ``S1 = Cov(a, b) + Cov(b, a)``,
+``S2 = Cov(b) + (n / N) Cov(c)`` (the last term for fresh prompts only).
+:class:`VarianceParts` holds ``(A, S0, S1, S2)``; the estimator's sandwich
+(:func:`vrpo.fit_bt`), its power-tuned ``lam`` and the population theory in
+``analysis`` all go through :meth:`VarianceParts.cov` and
+:meth:`VarianceParts.lam_opt`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+__all__ = ["pair_score", "pair_hessian", "wcov", "VarianceParts"]
+
+
+def pair_score(theta, X, q):
+    """Per-pair logistic score ``(sigma(X theta) - q) X``.
+
+    ``theta``: ``(..., d)``; ``X``: ``(..., rows, d)``; ``q``: ``(..., rows)``.
+    Returns ``(..., rows, d)``.
+    """
+    s = expit(np.einsum("...nd,...d->...n", X, theta))  # (..., rows)
+    return (s - q)[..., None] * X
+
+
+def pair_hessian(theta, X, w=None):
+    """Weighted mean of per-pair Hessians ``sigma(1-sigma) X X^T``.
+
+    ``X``: ``(..., rows, d)``; ``w``: ``(..., rows)`` non-negative weights summing to
+    one (``None``: equal weights). Returns ``(..., d, d)``.
+    """
+    delta = np.einsum("...nd,...d->...n", X, theta)
+    s = expit(delta)
+    v = s * (1.0 - s)  # (..., rows)
+    if w is None:
+        v = v / X.shape[-2]
+    else:
+        v = v * w
+    return np.matmul(np.swapaxes(X, -1, -2), v[..., None] * X)  # (..., d, d)
+
+
+def wcov(u, v=None, w=None):
+    """Centred (cross-)covariance over the ``rows`` axis, divisor ``sum w`` (ddof 0).
+
+    ``u, v``: ``(..., rows, d)``; ``w``: ``(..., rows)`` weights summing to one, or
+    ``None`` for equal weights. Returns ``(..., d, d)`` = ``E[(u - Eu)(v - Ev)^T]``.
+    ddof 0 makes the BT-MLE sandwich equal statsmodels' HC0 covariance.
+    """
+    if v is None:
+        v = u
+    rows = u.shape[-2]
+    if w is None:
+        w = np.full(u.shape[:-1], 1.0 / rows)
+    w = w[..., None]
+    uc = u - np.sum(w * u, axis=-2, keepdims=True)
+    vc = v - np.sum(w * v, axis=-2, keepdims=True)
+    return np.matmul(np.swapaxes(w * uc, -1, -2), vc)
+
+
+def _inv_psd(H):
+    """Inverse of a batch of symmetric positive (semi)definite matrices.
+
+    Falls back to the pseudo-inverse for singular members (degenerate designs),
+    so the result is always finite; callers flag those fits separately.
+    """
+    try:
+        return np.linalg.inv(H)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(H, hermitian=True)
+
+
+@dataclass(frozen=True)
+class VarianceParts:
+    """``n Cov(theta_hat) = A (S0 + lam S1 + lam^2 S2) A`` for a batch of fits.
+
+    Attributes (all ``(..., d, d)``): ``A`` the inverse Hessian, ``S0 = Cov(a)``,
+    ``S1 = Cov(a,b) + Cov(b,a)``, ``S2 = Cov(b) + (n/N) Cov(c)``; ``n`` the number
+    of labelled prompts the covariance is scaled by.
+    """
+
+    A: np.ndarray
+    S0: np.ndarray
+    S1: np.ndarray
+    S2: np.ndarray
+    n: int
+
+    @classmethod
+    def from_scores(cls, H, a, b=None, c=None, n_over_N=0.0, w=None, w_c=None):
+        """Build the parts from per-prompt scores.
+
+        ``H``: ``(..., d, d)`` Hessian; ``a, b``: ``(..., n, d)`` labelled-prompt
+        scores (``b`` the correction, ``None`` when there is no auxiliary model);
+        ``c``: ``(..., N, d)`` fresh-prompt extra-pair scores or ``None``;
+        ``n_over_N``: ratio of labelled to fresh prompts; ``w``/``w_c``: optional
+        weights (population theory); with weights, ``n`` is set to 1 so that
+        :meth:`cov` returns the asymptotic ``V`` itself.
+        """
+        A = _inv_psd(H)
+        S0 = wcov(a, None, w)
+        if b is None:
+            S1 = np.zeros_like(S0)
+            S2 = np.zeros_like(S0)
+        else:
+            Cab = wcov(a, b, w)
+            S1 = Cab + np.swapaxes(Cab, -1, -2)
+            S2 = wcov(b, None, w)
+        if c is not None:
+            S2 = S2 + n_over_N * wcov(c, None, w_c)
+        n = 1 if w is not None else a.shape[-2]
+        return cls(A=A, S0=S0, S1=S1, S2=S2, n=n)
+
+    def sigma(self, lam):
+        """Meat ``S0 + lam S1 + lam^2 S2``; ``lam`` scalar or ``(...,)``."""
+        lam = np.asarray(lam, dtype=float)[..., None, None]
+        return self.S0 + lam * self.S1 + lam**2 * self.S2
+
+    def V(self, lam):
+        """Asymptotic covariance ``A Sigma(lam) A`` (so ``Cov(theta_hat) ~ V / n``)."""
+        return self.A @ self.sigma(lam) @ self.A
+
+    def cov(self, lam):
+        """Estimated ``Cov(theta_hat) = V(lam) / n``, symmetrised. ``(..., d, d)``."""
+        V = self.V(lam) / self.n
+        return 0.5 * (V + np.swapaxes(V, -1, -2))
+
+    def _quad(self, coord=None):
+        """Coefficients ``(q1, q2)`` of ``tr(A Sigma A) = q0 + q1 lam + q2 lam^2``."""
+        if coord is None:
+            t = lambda S: np.trace(self.A @ S @ self.A, axis1=-2, axis2=-1)  # noqa: E731
+        else:
+            t = lambda S: (self.A @ S @ self.A)[..., coord, coord]  # noqa: E731
+        return t(self.S1), t(self.S2)
+
+    def lam_opt(self, coord=None, clip=(0.0, 1.0)):
+        """Power-tuned ``lam`` minimising ``tr V(lam)`` (or ``V[coord, coord]``).
+
+        ``lam* = -tr(A S1 A) / (2 tr(A S2 A))`` (PPI++), clipped to ``clip``
+        (``None``: unclipped). ``lam* = 0`` where ``tr(A S2 A) = 0``. Returns ``(...,)``.
+        """
+        q1, q2 = self._quad(coord)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lam = np.where(q2 > 0, -q1 / (2.0 * np.where(q2 > 0, q2, 1.0)), 0.0)
+        if clip is not None:
+            lam = np.clip(lam, *clip)
+        return lam

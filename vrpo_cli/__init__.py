@@ -1,0 +1,1 @@
+"""Command-line interface ``vrpo``: subcommands live in ``vrpo_cli/cmd_*.py``."""
