@@ -9,12 +9,13 @@ pure functions over arrays, no I/O. ``sim``, ``analysis`` and ``llm`` import it.
 - :mod:`vrpo.variance`: per-pair scores, Hessians, ``V = A Sigma(lam) A`` and ``lam*``.
 """
 
-from .fit import ConvergenceWarning, FitResult, VRPOInputError, fit_bt
+from .fit import ConvergenceWarning, FitResult, VRPOInputError, fit_bt, fit_bt_population
 from .loss import LOSSES, hinge_loss, ipo_loss, log_sigmoid, logistic_loss, pairwise_loss, sigmoid, vr_objective
 from .variance import VarianceParts, pair_hessian, pair_score, wcov
 
 __all__ = [
     "fit_bt",
+    "fit_bt_population",
     "FitResult",
     "VRPOInputError",
     "ConvergenceWarning",

@@ -20,9 +20,9 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import norm
 
-from .variance import VarianceParts, pair_hessian, pair_score
+from .variance import VarianceParts, _inv_psd, margins, xtwx
 
-__all__ = ["fit_bt", "FitResult", "VRPOInputError", "ConvergenceWarning"]
+__all__ = ["fit_bt", "fit_bt_population", "FitResult", "VRPOInputError", "ConvergenceWarning"]
 
 
 class VRPOInputError(ValueError):
@@ -168,14 +168,22 @@ def _validate(X, Z, g, X_aux, g_aux, lam):
 
 @dataclass
 class _Blocks:
-    """Rows of the objective for R flattened replications: lists of (X, c, t)."""
+    """Rows of the objective for W replications: lists of ``(XT, c, t)``.
 
-    X: list  # each (R, rows, d)
-    c: list  # each (R, rows)
-    t: list  # each (R, rows)
+    ``XT (W, d, rows)`` is stored transposed and C-contiguous so that the margin,
+    gradient and Hessian products are single batched BLAS calls over contiguous rows.
+    """
+
+    XT: list  # each (W, d, rows)
+    c: list  # each (W, rows)
+    t: list  # each (W, rows)
+
+    @classmethod
+    def from_rows(cls, Xs, cs, ts):
+        return cls([np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in Xs], list(cs), list(ts))
 
     def take(self, idx):
-        return _Blocks([x[idx] for x in self.X], [c[idx] for c in self.c], [t[idx] for t in self.t])
+        return _Blocks([x[idx] for x in self.XT], [c[idx] for c in self.c], [t[idx] for t in self.t])
 
 
 def _objective_blocks(X, Z, g, Xa, ga, lam):
@@ -183,113 +191,196 @@ def _objective_blocks(X, Z, g, Xa, ga, lam):
     n = X.shape[1]
     lam_ = lam[:, None]
     if Xa is None:
-        return _Blocks([X], [np.full(Z.shape, 1.0 / n)], [Z / n])
+        return _Blocks.from_rows([X], [np.full(Z.shape, 1.0 / n)], [Z / n])
     Na = Xa.shape[1]
-    return _Blocks(
+    return _Blocks.from_rows(
         [X, Xa],
         [np.broadcast_to((1.0 - lam_) / n, Z.shape), np.broadcast_to(lam_ / Na, ga.shape)],
         [(Z - lam_ * g) / n, lam_ * ga / Na],
     )
 
 
+_CACHE_BYTES = 2**21  # per-chunk working set of _eval (fits in L2 on common CPUs)
+
+
 def _eval(blocks, theta, ridge, order):
-    """Objective value, gradient (order>=1) and Hessian (order>=2) per replication."""
+    """Objective value, gradient (order>=1) and Hessian (order>=2) per replication.
+
+    Evaluated over chunks of replications small enough to stay in cache (the
+    products are memory-bound; chunking is about 2x faster than one pass).
+    """
+    W, d = theta.shape
+    rows = sum(x.shape[2] for x in blocks.XT)
+    B = max(1, _CACHE_BYTES // (8 * d * rows))
+    if B >= W:
+        return _eval_dense(blocks, theta, ridge, order)
+    out = [
+        _eval_dense(_Blocks([x[i:i + B] for x in blocks.XT], [c[i:i + B] for c in blocks.c],
+                            [t[i:i + B] for t in blocks.t]), theta[i:i + B], ridge, order)
+        for i in range(0, W, B)
+    ]
+    return tuple(None if z[0] is None else np.concatenate(z) for z in zip(*out))
+
+
+def _eval_dense(blocks, theta, ridge, order):
     f = 0.5 * ridge * np.sum(theta**2, axis=-1)
     grad = ridge * theta if order >= 1 else None
     hess = None
     if order >= 2:
         hess = np.broadcast_to(ridge * np.eye(theta.shape[-1]), theta.shape + theta.shape[-1:]).copy()
-    for Xb, c, t in zip(blocks.X, blocks.c, blocks.t):
-        delta = np.matmul(Xb, theta[:, :, None])[..., 0]  # (R, rows)
-        f = f + np.sum(c * np.logaddexp(0.0, delta) - t * delta, axis=-1)
+    for XT, c, t in zip(blocks.XT, blocks.c, blocks.t):
+        delta = np.matmul(theta[:, None, :], XT)[:, 0, :]  # (W, rows)
+        softplus = np.maximum(delta, 0.0) + np.log1p(np.exp(-np.abs(delta)))
+        f = f + np.sum(c * softplus - t * delta, axis=-1)
         if order >= 1:
-            s = expit(delta)
-            grad = grad + np.matmul((c * s - t)[:, None, :], Xb)[:, 0, :]  # (R, d)
+            with np.errstate(over="ignore"):
+                s = 1.0 / (1.0 + np.exp(-delta))  # sigmoid; exp overflow gives the exact limit 0
+            grad = grad + np.matmul(XT, (c * s - t)[..., None])[..., 0]  # (W, d)
         if order >= 2:
-            hess = hess + np.matmul(np.swapaxes(Xb, 1, 2), (c * s * (1.0 - s))[..., None] * Xb)  # (R, d, d)
+            # The Hessian only steers Newton's steps (the fixed point is set by the
+            # float64 gradient), so it is formed in float32: half the memory traffic.
+            w = (c * s * (1.0 - s)).astype(np.float32)  # (W, rows)
+            XT32 = XT.astype(np.float32)
+            hess = hess + np.matmul(XT32 * w[:, None, :], np.swapaxes(XT32, 1, 2)).astype(float)  # (W, d, d)
     return f, grad, hess
 
 
-def _newton(blocks, theta0, ridge, tol, max_iter):
+def _newton_step(grad, hess):
+    """``-H^-1 grad`` with a tiny ridge so singular Hessians stay solvable."""
+    d = grad.shape[-1]
+    scale = np.trace(hess, axis1=1, axis2=2)[:, None, None] / d
+    jitter = 1e-12 * np.maximum(scale, 1e-300)
+    try:
+        return -np.linalg.solve(hess + jitter * np.eye(d), grad[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return -np.matmul(np.linalg.pinv(hess, hermitian=True), grad[..., None])[..., 0]
+
+
+def _armijo(f_new, f, alpha, slope):
+    return np.isfinite(f_new) & (f_new <= f + 1e-4 * alpha * slope + 1e-15 * np.abs(f))
+
+
+def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
     """Damped Newton with Armijo backtracking, batched over replications.
 
-    Converged when the Newton step satisfies ``max|step| <= tol (1 + max|theta|)``.
-    Replications that converge drop out of the working set. Returns
+    Each iteration evaluates value, gradient and Hessian once, at the full Newton
+    step; only replications failing the Armijo test backtrack. Converged when the
+    step satisfies ``max|step| <= tol (1 + max|theta|)``; a replication whose
+    ``max|theta|`` passes ``theta_max`` stops as not converged (unbounded
+    objective), as does one whose line search fails. Finished replications are
+    dropped from the working set once they are the majority. Returns
     ``(theta, converged, n_iter)``.
     """
     R, d = theta0.shape
-    theta = theta0.copy()
+    theta = theta0.astype(float).copy()
     converged = np.zeros(R, dtype=bool)
     n_iter = np.zeros(R, dtype=int)
-    active = np.arange(R)
+    widx = np.arange(R)  # replications held in `work`
     work = blocks
-    th = theta.copy()
-    eye = np.eye(d)
+    th = theta.copy()  # (W, d)
+    live = np.ones(R, dtype=bool)  # (W,) still iterating
+    f, grad, hess = _eval(work, th, ridge, 2)
     for it in range(1, max_iter + 1):
-        f, grad, hess = _eval(work, th, ridge, 2)
-        # Regularise tiny/indefinite Hessians so the solve is always defined.
-        scale = np.trace(hess, axis1=1, axis2=2)[:, None, None] / d
-        jitter = 1e-12 * np.maximum(scale, 1e-300)
-        try:
-            step = -np.linalg.solve(hess + jitter * eye, grad[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            step = -np.matmul(np.linalg.pinv(hess, hermitian=True), grad[..., None])[..., 0]
+        step = _newton_step(grad, hess)
         slope = np.sum(grad * step, axis=-1)
-        # Non-descent directions (possible only for lam > 1): fall back to gradient.
-        bad = ~(slope < 0)
+        bad = ~(slope < 0)  # non-descent (possible only for lam > 1): gradient step
         step[bad] = -grad[bad]
         slope[bad] = -np.sum(grad[bad] ** 2, axis=-1)
-        alpha = np.ones(len(active))
-        need = np.arange(len(active))
-        for _ in range(40):
-            cand = th[need] + alpha[need, None] * step[need]
-            f_new, _, _ = _eval(work.take(need), cand, ridge, 0)
-            ok = np.isfinite(f_new) & (f_new <= f[need] + 1e-4 * alpha[need] * slope[need] + 1e-15 * np.abs(f[need]))
-            need = need[~ok]
-            if need.size == 0:
-                break
-            alpha[need] *= 0.5
-        th = th + alpha[:, None] * step
-        n_iter[active] = it
-        done = np.max(np.abs(alpha[:, None] * step), axis=-1) <= tol * (1.0 + np.max(np.abs(th), axis=-1))
-        done |= np.abs(slope) < 1e-30  # exact stationary point
-        theta[active] = th
-        if np.any(done):
-            converged[active[done]] = True
-            keep = ~done
-            active = active[keep]
-            if active.size == 0:
-                break
-            th = th[keep]
-            work = work.take(np.flatnonzero(keep))
+        step[~live] = 0.0
+        slope[~live] = 0.0
+        cand = th + step
+        fc, gc, hc = _eval(work, cand, ridge, 2)
+        ok = ~live | _armijo(fc, f, 1.0, slope)
+        failed = np.zeros_like(live)
+        alpha = np.ones(len(th))
+        back = np.flatnonzero(~ok)
+        if back.size:
+            sub = work.take(back)
+            a = np.full(back.size, 0.5)
+            need = np.arange(back.size)
+            for _ in range(50):
+                b = back[need]
+                f2, _, _ = _eval(sub.take(need), th[b] + a[need, None] * step[b], ridge, 0)
+                good = _armijo(f2, f[b], a[need], slope[b])
+                need = need[~good]
+                if need.size == 0:
+                    break
+                a[need] *= 0.5
+            failed[back[need]] = True
+            a[need] = 0.0
+            alpha[back] = a
+            cand[back] = th[back] + a[:, None] * step[back]
+            f2, g2, h2 = _eval(sub, cand[back], ridge, 2)
+            fc[back], gc[back], hc[back] = f2, g2, h2
+        moved = np.max(np.abs(alpha[:, None] * step), axis=-1)
+        th, f, grad, hess = cand, fc, gc, hc
+        n_iter[widx[live]] = it
+        done = live & ~failed & ((moved <= tol * (1.0 + np.max(np.abs(th), axis=-1))) | (np.abs(slope) < 1e-30))
+        # |theta| beyond theta_max: the objective is unbounded below along a direction
+        # (separation for the MLE; for lam > 0 also a finite-sample property of L_VR).
+        stop = done | (live & (failed | (np.max(np.abs(th), axis=-1) > theta_max)))
+        converged[widx[done]] = True
+        live &= ~stop
+        theta[widx] = th
+        if not live.any():
+            break
+        if live.sum() <= 0.5 * len(widx):
+            keep = np.flatnonzero(live)
+            work, widx, th = work.take(keep), widx[keep], th[keep]
+            f, grad, hess, live = f[keep], grad[keep], hess[keep], live[keep]
     return theta, converged, n_iter
 
 
 # --------------------------------------------------------------------------- scores
 
 
+def _cov_scaled(X, u, v):
+    """``Cov(u X, v X)`` over rows for per-row scalars ``u, v (R, rows)``, ``X (R, rows, d)``.
+
+    Equals ``wcov(u[..., None] * X, v[..., None] * X)`` without forming the scores.
+    """
+    rows = X.shape[1]
+    mu = np.matmul(u[:, None, :], X)[:, 0, :] / rows  # (R, d)
+    mv = mu if v is u else np.matmul(v[:, None, :], X)[:, 0, :] / rows
+    return xtwx(X, u * v / rows) - mu[:, :, None] * mv[:, None, :]
+
+
 def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam_is_zero):
-    """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`."""
+    """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`.
+
+    Scores: ``a = (s - Z) X``, ``b = -(s - g) X [+ mean_m (s_m - g_m) X_m]``,
+    ``c = (s_j - g_j) X_j``; the Hessian is pooled over labelled and extra pairs
+    (all drawn from the same distribution), labelled only when ``lam = 0``.
+    """
     R, n, d = X.shape
-    a = pair_score(theta, X, Z)  # (R, n, d)
-    H_lab = pair_hessian(theta, X)  # (R, d, d)
+    s = expit(margins(theta, X))  # (R, n)
+    ra = s - Z
+    H_lab = xtwx(X, s * (1.0 - s) / n)  # (R, d, d)
+    eye = ridge * np.eye(d)
     if mode == "none" or lam_is_zero:
-        H = H_lab + ridge * np.eye(d)
-        return VarianceParts.from_scores(H, a), H
-    b = -pair_score(theta, X, g)  # (R, n, d)
+        H = H_lab + eye
+        S0 = _cov_scaled(X, ra, ra)
+        zero = np.zeros_like(S0)
+        return VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), H
+    rb = -(s - g)
     if mode == "same":
         M = Xa.shape[2]
         Xa_flat = Xa.reshape(R, n * M, d)
-        ca = pair_score(theta, Xa_flat, ga.reshape(R, n * M)).reshape(R, n, M, d)
-        b = b + ca.mean(axis=2)  # cluster by prompt
-        H_aux = pair_hessian(theta, Xa_flat)
-        H = (H_lab + M * H_aux) / (1.0 + M) + ridge * np.eye(d)
+        sa = expit(margins(theta, Xa_flat))  # (R, nM)
+        H_aux = xtwx(Xa_flat, sa * (1.0 - sa) / (n * M))
+        e = np.einsum("rnm,rnmd->rnd", (sa - ga.reshape(R, n * M)).reshape(R, n, M), Xa) / M  # cluster by prompt
+        a = ra[..., None] * X  # (R, n, d)
+        b = rb[..., None] * X + e
+        H = (H_lab + M * H_aux) / (1.0 + M) + eye
         return VarianceParts.from_scores(H, a, b), H
     N = Xa.shape[1]
-    c = pair_score(theta, Xa, ga)  # (R, N, d)
-    H_aux = pair_hessian(theta, Xa)
-    H = (n * H_lab + N * H_aux) / (n + N) + ridge * np.eye(d)
-    return VarianceParts.from_scores(H, a, b, c, n_over_N=n / N), H
+    sa = expit(margins(theta, Xa))  # (R, N)
+    rc = sa - ga
+    H_aux = xtwx(Xa, sa * (1.0 - sa) / N)
+    H = (n * H_lab + N * H_aux) / (n + N) + eye
+    Cab = _cov_scaled(X, ra, rb)
+    S2 = _cov_scaled(X, rb, rb) + (n / N) * _cov_scaled(Xa, rc, rc)
+    return VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n), H
 
 
 # --------------------------------------------------------------------------- public API
@@ -359,20 +450,26 @@ def fit_bt(
         Xa_rows, ga_rows = Xaf, gaf
     th0 = np.zeros((R, d)) if theta0 is None else _as_float("theta0", np.broadcast_to(theta0, batch + (d,))).reshape(R, d)
 
+    conv_p = np.ones(R, dtype=bool)
     if mode == "none":
         lam_f = np.zeros(R)
-    elif isinstance(lam_v, str):  # "auto": pilot MLE, PPI++ lam, refit
-        pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
-        parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge, False)
-        lam_f = parts.lam_opt(coord=lam_coord)
-        th0 = pilot
     else:
-        lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
+        # BT-MLE pilot on the labelled pairs: the starting point of the VR fit (cheap,
+        # n rows only) and, for lam="auto", where the PPI++ lam is estimated.
+        pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
+        if isinstance(lam_v, str):
+            parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge, False)
+            lam_f = parts.lam_opt(coord=lam_coord)
+            th0 = pilot
+        else:
+            lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
+            # a separated pilot is a poor start; those replications start from theta0
+            th0 = np.where(conv_p[:, None], pilot, th0)
+            conv_p = np.ones(R, dtype=bool)
 
     blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
     theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
-    if isinstance(lam_v, str):
-        converged &= conv_p
+    converged &= conv_p
     parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, mode == "none")
     cov = parts.cov(lam_f)
     if warn and not np.all(converged):
@@ -402,3 +499,27 @@ def fit_bt(
         n=n,
         aux=mode,
     )
+
+
+def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200):
+    """BT projection of a (weighted) population: ``argmin sum_r w_r l(x_r . theta, q_r)``.
+
+    ``X (rows, d)``, ``q (rows,)`` probabilities ``p*`` (or labels), ``w (rows,)``
+    non-negative weights (default equal; normalised to sum to one). This defines
+    ``theta*`` (METHOD.md s2). Raises ``VRPOInputError`` if it does not converge
+    (``p*`` separable by a BT model, e.g. deterministic preferences).
+    """
+    X = _as_float("X", X)
+    q = _as_float("q", q)
+    if X.ndim != 2 or q.shape != X.shape[:1]:
+        raise VRPOInputError(f"need X (rows, d) and q (rows,); got {X.shape} and {q.shape}")
+    _check_prob("q", q)
+    w = np.full(q.shape, 1.0) if w is None else _as_float("w", w)
+    if w.shape != q.shape or np.any(w < 0) or w.sum() <= 0:
+        raise VRPOInputError("w must be non-negative with the shape of q and a positive sum")
+    w = w / w.sum()
+    blocks = _Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
+    theta, conv, _ = _newton(blocks, np.zeros((1, X.shape[1])), ridge, tol, max_iter)
+    if not conv[0]:
+        raise VRPOInputError("population BT fit did not converge: p* is (nearly) separable by a BT model")
+    return theta[0]

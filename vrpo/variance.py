@@ -30,7 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-__all__ = ["pair_score", "pair_hessian", "wcov", "VarianceParts"]
+__all__ = ["margins", "pair_score", "pair_hessian", "xtwx", "wcov", "VarianceParts"]
+
+
+def margins(theta, X):
+    """``delta = X theta``: ``theta (..., d)``, ``X (..., rows, d)`` -> ``(..., rows)``."""
+    return np.matmul(X, np.asarray(theta)[..., None])[..., 0]
 
 
 def pair_score(theta, X, q):
@@ -39,8 +44,27 @@ def pair_score(theta, X, q):
     ``theta``: ``(..., d)``; ``X``: ``(..., rows, d)``; ``q``: ``(..., rows)``.
     Returns ``(..., rows, d)``.
     """
-    s = expit(np.einsum("...nd,...d->...n", X, theta))  # (..., rows)
+    s = expit(margins(theta, X))  # (..., rows)
     return (s - q)[..., None] * X
+
+
+def xtwx(X, v, chunk_bytes=2**21):
+    """``sum_rows v_r x_r x_r^T``: ``X (..., rows, d)``, ``v (..., rows)`` -> ``(..., d, d)``.
+
+    Computed over chunks of the leading axis so the weighted copy stays in cache.
+    """
+    X = np.asarray(X)
+    if X.ndim < 3:
+        return np.matmul(np.swapaxes(X, -1, -2), v[..., None] * X)
+    lead = X.shape[:-2]
+    Xf = X.reshape((-1,) + X.shape[-2:])
+    vf = np.broadcast_to(v, X.shape[:-1]).reshape((-1, X.shape[-2]))
+    B = max(1, chunk_bytes // (8 * X.shape[-1] * X.shape[-2]))
+    out = np.concatenate([
+        np.matmul(np.swapaxes(Xf[i:i + B], -1, -2), vf[i:i + B, :, None] * Xf[i:i + B])
+        for i in range(0, Xf.shape[0], B)
+    ])
+    return out.reshape(lead + out.shape[-2:])
 
 
 def pair_hessian(theta, X, w=None):
@@ -49,32 +73,31 @@ def pair_hessian(theta, X, w=None):
     ``X``: ``(..., rows, d)``; ``w``: ``(..., rows)`` non-negative weights summing to
     one (``None``: equal weights). Returns ``(..., d, d)``.
     """
-    delta = np.einsum("...nd,...d->...n", X, theta)
-    s = expit(delta)
+    s = expit(margins(theta, X))
     v = s * (1.0 - s)  # (..., rows)
-    if w is None:
-        v = v / X.shape[-2]
-    else:
-        v = v * w
-    return np.matmul(np.swapaxes(X, -1, -2), v[..., None] * X)  # (..., d, d)
+    v = v / X.shape[-2] if w is None else v * w
+    return xtwx(X, v)
 
 
 def wcov(u, v=None, w=None):
     """Centred (cross-)covariance over the ``rows`` axis, divisor ``sum w`` (ddof 0).
 
     ``u, v``: ``(..., rows, d)``; ``w``: ``(..., rows)`` weights summing to one, or
-    ``None`` for equal weights. Returns ``(..., d, d)`` = ``E[(u - Eu)(v - Ev)^T]``.
+    ``None`` for equal weights. Returns ``(..., d, d)`` = ``E[u v^T] - E[u] E[v]^T``.
     ddof 0 makes the BT-MLE sandwich equal statsmodels' HC0 covariance.
     """
-    if v is None:
-        v = u
-    rows = u.shape[-2]
+    same = v is None
+    v = u if same else v
     if w is None:
-        w = np.full(u.shape[:-1], 1.0 / rows)
-    w = w[..., None]
-    uc = u - np.sum(w * u, axis=-2, keepdims=True)
-    vc = v - np.sum(w * v, axis=-2, keepdims=True)
-    return np.matmul(np.swapaxes(w * uc, -1, -2), vc)
+        rows = u.shape[-2]
+        uw = u / rows
+        mu, mv = u.mean(axis=-2), (None if same else v.mean(axis=-2))
+    else:
+        uw = u * w[..., None]
+        mu = uw.sum(axis=-2)
+        mv = None if same else np.sum(v * w[..., None], axis=-2)
+    mv = mu if same else mv
+    return np.matmul(np.swapaxes(uw, -1, -2), v) - mu[..., :, None] * mv[..., None, :]
 
 
 def _inv_psd(H):

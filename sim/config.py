@@ -1,0 +1,174 @@
+"""Typed, validated Monte Carlo experiment configuration.
+
+Loadable from TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) and
+overridable from CLI flags; its resolved form (:meth:`ExperimentConfig.to_dict`)
+is embedded in every result file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .bandit import BanditSpec
+from .data import AUX_PROMPTS
+from .registry import AUX_MODELS, SCENARIOS
+
+METHODS_HELP = "mle | vr (lam=1) | vr-auto (power-tuned lam) | vr:<lam> (fixed lam)"
+BACKENDS = ("loky", "threading", "sequential", "dask", "ray")
+
+
+def parse_method(spec: str):
+    """``"mle"`` -> 0.0, ``"vr"`` -> 1.0, ``"vr-auto"`` -> "auto", ``"vr:0.5"`` -> 0.5."""
+    if spec == "mle":
+        return 0.0
+    if spec == "vr":
+        return 1.0
+    if spec == "vr-auto":
+        return "auto"
+    name, _, arg = spec.partition(":")
+    if name == "vr" and arg:
+        try:
+            lam = float(arg)
+        except ValueError:
+            pass
+        else:
+            if lam >= 0:
+                return lam
+    raise ValueError(f"unknown method {spec!r}; expected {METHODS_HELP}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One Monte Carlo sweep: scenarios x n grid x auxiliary models x methods.
+
+    Fields that change results: everything but ``chunk_size``, ``n_jobs``,
+    ``backend``, ``output`` and ``progress`` (see :meth:`identity`).
+    """
+
+    name: str = "default"
+    scenarios: tuple[str, ...] = ("bt", "mixture:1.0")
+    d: int = 4
+    K: int = 8
+    dx: int = 4
+    scale: float = 3.0
+    beta: float = 1.0
+    pi_ref: str = "uniform"
+    n: tuple[int, ...] = (250, 500, 1000, 2000)
+    M: int = 4
+    aux_prompts: str = "same"
+    g: tuple[str, ...] = ("oracle", "noisy:1.0")
+    methods: tuple[str, ...] = ("mle", "vr", "vr-auto")
+    reps: int = 200
+    seed: int = 0
+    alpha: float = 0.05
+    n_pop: int = 20000
+    n_eval: int = 2000
+    # execution only (do not change results)
+    chunk_size: int = 50
+    n_jobs: int = 1
+    backend: str = "loky"
+    output: str = "results/default.parquet"
+    progress: bool = True
+    _EXEC_FIELDS = ("chunk_size", "n_jobs", "backend", "output", "progress")
+
+    def __post_init__(self):
+        for tup in ("scenarios", "n", "g", "methods"):
+            v = getattr(self, tup)
+            if isinstance(v, (str, int)):
+                v = (v,)
+            object.__setattr__(self, tup, tuple(v))
+        BanditSpec(d=self.d, K=self.K, dx=self.dx, scale=self.scale, beta=self.beta, pi_ref=self.pi_ref)
+        if not self.scenarios:
+            raise ValueError("scenarios must not be empty")
+        for s in self.scenarios:
+            SCENARIOS.get(SCENARIOS.parse(s)[0])
+        for s in self.g:
+            AUX_MODELS.get(AUX_MODELS.parse(s)[0])
+        if not self.methods:
+            raise ValueError("methods must not be empty")
+        for m in self.methods:
+            parse_method(m)
+        if any(m != "mle" for m in self.methods) and not self.g:
+            raise ValueError("VR methods need at least one auxiliary model in g")
+        if not self.n or any(int(n) != n or n < 2 for n in self.n):
+            raise ValueError(f"n must be a non-empty list of integers >= 2, got {self.n}")
+        if len(set(self.n)) != len(self.n) or len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError("n and scenarios must not contain duplicates")
+        if self.M < 1:
+            raise ValueError(f"M must be >= 1, got {self.M}")
+        if self.aux_prompts not in AUX_PROMPTS:
+            raise ValueError(f"aux_prompts must be one of {AUX_PROMPTS}, got {self.aux_prompts!r}")
+        if self.reps < 2:
+            raise ValueError(f"reps must be >= 2 (Monte Carlo errors need replications), got {self.reps}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.n_pop < 100 or self.n_eval < 10:
+            raise ValueError("n_pop must be >= 100 and n_eval >= 10")
+        if self.chunk_size < 1 or self.n_jobs == 0:
+            raise ValueError("chunk_size must be >= 1 and n_jobs != 0")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def bandit_spec(self) -> BanditSpec:
+        return BanditSpec(d=self.d, K=self.K, dx=self.dx, scale=self.scale, beta=self.beta, pi_ref=self.pi_ref,
+                          seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def identity(self) -> dict:
+        """The fields that determine results (execution settings removed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self._EXEC_FIELDS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **kw) -> "ExperimentConfig":
+        return replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path) -> "ExperimentConfig":
+        """Load from ``.toml`` or ``.yaml``/``.yml`` (a top-level table, or an ``[experiment]`` table)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: invalid TOML: {e}") from None
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: invalid YAML: {e}") from None
+        else:
+            raise ValueError(f"{path}: config must be .toml, .yaml or .yml")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a table of settings")
+        if "experiment" in data and isinstance(data["experiment"], dict):
+            data = data["experiment"]
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+

@@ -1,0 +1,45 @@
+"""KL-regularised policies over a finite arm set, regret and win rate (METHOD.md s2, s4).
+
+``pi(a|x) propto pi_ref(a|x) exp(r(x, a) / beta)`` is computed exactly over the
+``K`` arms of each context. For any reward ``r``, the KL-regularised value
+``J_r(pi) = E[r] - beta KL(pi || pi_ref)`` satisfies
+``J_r(pi_r) - J_r(pi) = beta E_x KL(pi || pi_r)``, which is how regret is computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax
+
+__all__ = ["log_policy", "log_policy_linear", "regret", "win_rate"]
+
+
+def log_policy(reward, log_pi_ref, beta):
+    """``log pi`` with ``pi propto pi_ref exp(reward / beta)``; ``reward, log_pi_ref (..., K)``."""
+    return log_softmax(log_pi_ref + reward / beta, axis=-1)
+
+
+def log_policy_linear(theta, phi, log_pi_ref, beta):
+    """Policies of linear rewards ``theta . phi`` for a batch of ``theta``.
+
+    ``theta (R, d)``, ``phi (E, K, d)``, ``log_pi_ref (E, K)`` -> ``(R, E, K)``.
+    """
+    reward = np.einsum("ekd,rd->rek", phi, theta)  # (R, E, K)
+    return log_policy(reward, log_pi_ref[None], beta)
+
+
+def regret(log_pi, log_pi_opt, beta):
+    """``beta E_x KL(pi || pi_opt)`` averaged over contexts; ``(..., E, K)`` -> ``(...)``."""
+    pi = np.exp(log_pi)
+    kl = np.sum(pi * (log_pi - log_pi_opt), axis=-1)  # (..., E)
+    return beta * np.mean(np.maximum(kl, 0.0), axis=-1)
+
+
+def win_rate(log_pi_a, log_pi_b, P):
+    """``E_x sum_{a,b} pi_A(a|x) pi_B(b|x) p*(x, a, b)``.
+
+    ``log_pi_a, log_pi_b (..., E, K)`` (broadcasting), ``P (E, K, K)`` with
+    ``P[e, a, b] = p*(x_e, a, b)``. Returns ``(...)``.
+    """
+    pa, pb = np.exp(log_pi_a), np.exp(log_pi_b)
+    return np.mean(np.einsum("...ea,eab,...eb->...e", pa, P, pb), axis=-1)

@@ -1,0 +1,296 @@
+"""Monte Carlo runner: batched, chunked, parallel, resumable, reproducible.
+
+A *cell* is one ``(scenario, n)`` of the sweep; within it every replication
+draws one data set that all auxiliary models and methods share (common random
+numbers, so method differences have small Monte Carlo error). Replication ``r``
+of cell ``(s, n)`` uses generators seeded by
+``SeedSequence(seed, spawn_key=(crc32(s), n, r, stream))``: results do not depend
+on the chunk size, the number of workers or the joblib backend.
+
+Finished cells are cached (``<output>.cells/<hash>.parquet``, written
+atomically), so an interrupted sweep recomputes only the missing cells. The
+final table has one row per scenario x n x g x method x replication and carries
+the resolved configuration (parquet schema metadata ``vrpo_config``, or ``#``
+header lines in CSV).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import vrpo
+
+from .aux_models import make_aux
+from .bandit import Bandit
+from .config import ExperimentConfig, parse_method
+from .data import PairData, sample_pairs
+from .policy import log_policy_linear, regret, win_rate
+from .population import Population, make_population
+from .scenarios import make_scenario
+
+__all__ = ["run_experiment", "run_cell_chunk", "read_results", "write_table", "populations"]
+
+_STREAM_DATA = 0
+_STREAM_POP = 0x9E3779B1
+
+
+def _crc(s: str) -> int:
+    return zlib.crc32(s.encode())
+
+
+def rep_generator(seed: int, scenario: str, n: int, rep: int, stream: int) -> np.random.Generator:
+    """The generator of one replication's stream (data: 0; auxiliary model ``g``: ``1 + crc32(g)``)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_crc(scenario), n, rep, stream)))
+
+
+def populations(cfg: ExperimentConfig) -> dict[str, Population]:
+    """``theta*`` and evaluation sets per scenario (deterministic in ``cfg.seed``)."""
+    bandit = Bandit(cfg.bandit_spec)
+    out = {}
+    for s in cfg.scenarios:
+        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_crc(s), _STREAM_POP)))
+        out[s] = make_population(make_scenario(s, bandit), bandit, rng, cfg.n_pop, cfg.n_eval)
+    return out
+
+
+@dataclass
+class _Task:
+    scenario: str
+    n: int
+    lo: int
+    hi: int
+
+
+def _metrics(res: vrpo.FitResult, pop: Population, log_pi_mle, alpha, beta) -> dict:
+    """Per-replication metrics of METHOD.md s4 for a batch of fits."""
+    th = res.theta  # (R, d)
+    ts = pop.theta_star
+    log_pi = log_policy_linear(th, pop.ctx.phi, pop.ctx.log_pi_ref, beta)  # (R, E, K)
+    ci = res.conf_int(alpha)  # (R, d, 2)
+    covered = (ci[..., 0] <= ts) & (ts <= ci[..., 1])  # (R, d)
+    out = {
+        "lam": res.lam,
+        "converged": res.converged,
+        "n_iter": res.n_iter,
+        "err": np.linalg.norm(th - ts, axis=-1),
+        "regret": regret(log_pi, pop.log_pi_star[None], beta),
+        "regret_u": regret(log_pi, pop.log_pi_u[None], beta) if pop.log_pi_u is not None else np.full(len(th), np.nan),
+        "win_ref": win_rate(log_pi, pop.ctx.log_pi_ref[None], pop.P),
+        "win_mle": win_rate(log_pi, log_pi_mle, pop.P),
+        "cover_frac": covered.mean(axis=-1),
+        "cover_all": covered.all(axis=-1),
+        "ci_width": (ci[..., 1] - ci[..., 0]).mean(axis=-1),
+    }
+    for j in range(th.shape[-1]):
+        out[f"theta_{j}"] = th[:, j]
+    for j in range(th.shape[-1]):
+        out[f"se_{j}"] = res.se[:, j]
+    return out
+
+
+def run_cell_chunk(cfg: ExperimentConfig, task: _Task, pop: Population) -> pd.DataFrame:
+    """Replications ``task.lo .. task.hi - 1`` of one cell, all methods and ``g``."""
+    bandit = Bandit(cfg.bandit_spec)
+    scen = make_scenario(task.scenario, bandit)
+    reps = range(task.lo, task.hi)
+    data = PairData.stack([
+        sample_pairs(rep_generator(cfg.seed, task.scenario, task.n, r, _STREAM_DATA), bandit, scen, task.n, cfg.M,
+                     cfg.aux_prompts)
+        for r in reps
+    ])
+    X, Z = data.X, data.Z
+    mle = vrpo.fit_bt(X, Z, lam=0, warn=False)
+    log_pi_mle = log_policy_linear(mle.theta, pop.ctx.phi, pop.ctx.log_pi_ref, bandit.beta)
+    frames = []
+
+    def emit(g_name, method, res):
+        m = _metrics(res, pop, log_pi_mle, cfg.alpha, bandit.beta)
+        df = pd.DataFrame(m)
+        df.insert(0, "rep", np.arange(task.lo, task.hi))
+        for col, val in reversed(list({"scenario": task.scenario, "kappa": scen.kappa, "n": task.n, "M": cfg.M,
+                                       "aux_prompts": cfg.aux_prompts, "g": g_name, "method": method}.items())):
+            df.insert(0, col, val)
+        frames.append(df)
+
+    if "mle" in cfg.methods:
+        emit("none", "mle", mle)
+    vr_methods = [m for m in cfg.methods if m != "mle"]
+    if vr_methods:
+        Xa = data.X_aux
+        for g_spec in cfg.g:
+            aux = make_aux(g_spec, scen)
+            rngs = [rep_generator(cfg.seed, task.scenario, task.n, r, 1 + _crc(g_spec)) for r in reps]
+            g, ga = aux(data, rngs)
+            for method in vr_methods:
+                res = vrpo.fit_bt(X, Z, g, Xa, ga, lam=parse_method(method), theta0=mle.theta, warn=False)
+                emit(g_spec, method, res)
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def write_table(df: pd.DataFrame, path, meta: dict) -> None:
+    """Atomically write ``df`` with ``meta`` embedded (parquet metadata or CSV ``#`` header)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        blob = json.dumps(meta, sort_keys=True, default=_json_default)
+        if path.suffix == ".csv":
+            with open(tmp, "w") as f:
+                for line in blob.splitlines() or [blob]:
+                    f.write(f"# vrpo_config: {line}\n")
+                df.to_csv(f, index=False)
+        elif path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            md = dict(table.schema.metadata or {})
+            md[b"vrpo_config"] = blob.encode()
+            pq.write_table(table.replace_schema_metadata(md), tmp)
+        else:
+            raise ValueError(f"results file must end in .parquet or .csv, got {path}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_results(path) -> tuple[pd.DataFrame, dict]:
+    """Read a results table and its embedded metadata (``{"config": ..., ...}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"results file not found: {path}")
+    if path.suffix == ".csv":
+        lines = []
+        with open(path) as f:
+            for line in f:
+                if not line.startswith("# vrpo_config: "):
+                    break
+                lines.append(line[len("# vrpo_config: "):].rstrip("\n"))
+        meta = json.loads("\n".join(lines)) if lines else {}
+        return pd.read_csv(path, comment=None, skiprows=len(lines)), meta
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(b"vrpo_config")
+    return table.to_pandas(), (json.loads(raw) if raw else {})
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _cell_hash(cfg: ExperimentConfig, scenario: str, n: int) -> str:
+    ident = cfg.identity()
+    ident.pop("scenarios")
+    ident.pop("n")
+    ident.update(scenario=scenario, n=n, version=vrpo.__version__)
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cells_dir(cfg: ExperimentConfig) -> Path:
+    out = Path(cfg.output)
+    return out.with_name(out.stem + ".cells")
+
+
+def _parallel_results(cfg: ExperimentConfig, tasks, pops):
+    """Yield chunk results in task order, using the configured joblib backend."""
+    if cfg.backend == "sequential" or cfg.n_jobs == 1:
+        for t in tasks:
+            yield run_cell_chunk(cfg, t, pops[t.scenario])
+        return
+    import joblib
+
+    cluster = client = None
+    if cfg.backend == "dask":
+        from distributed import Client, LocalCluster
+
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except ValueError:  # no client yet: start a local cluster
+            n = cfg.n_jobs if cfg.n_jobs > 0 else os.cpu_count()
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster)
+    elif cfg.backend == "ray":
+        from ray.util.joblib import register_ray
+
+        register_ray()
+    try:
+        with joblib.parallel_config(backend=cfg.backend, n_jobs=cfg.n_jobs):
+            par = joblib.Parallel(return_as="generator")
+            yield from par(joblib.delayed(run_cell_chunk)(cfg, t, pops[t.scenario]) for t in tasks)
+    finally:
+        if cluster is not None:
+            client.close()
+            cluster.close()
+
+
+def run_experiment(cfg: ExperimentConfig, *, write: bool = True, resume: bool = True) -> pd.DataFrame:
+    """Run the sweep of ``cfg``; returns the tidy table (and writes it to ``cfg.output``)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    pops = populations(cfg)
+    cells_dir = _cells_dir(cfg)
+    cells = [(s, n) for s in cfg.scenarios for n in cfg.n]
+    done: dict[tuple, pd.DataFrame] = {}
+    if resume and write and cells_dir.exists():
+        for s, n in cells:
+            f = cells_dir / f"{_cell_hash(cfg, s, n)}.parquet"
+            if f.exists():
+                done[(s, n)] = read_results(f)[0]
+    missing = [c for c in cells if c not in done]
+    tasks = [_Task(s, n, lo, min(lo + cfg.chunk_size, cfg.reps)) for s, n in missing
+             for lo in range(0, cfg.reps, cfg.chunk_size)]
+    per_cell = {c: [] for c in missing}
+    n_chunks = {c: sum(1 for t in tasks if (t.scenario, t.n) == c) for c in missing}
+    bar = tqdm(total=len(tasks), desc=f"vrpo {cfg.name}", unit="chunk", disable=not cfg.progress)
+    if done:
+        bar.write(f"resuming: {len(done)} of {len(cells)} cells read from {cells_dir}")
+    for t, df in zip(tasks, _parallel_results(cfg, tasks, pops)):
+        c = (t.scenario, t.n)
+        per_cell[c].append(df)
+        bar.update(1)
+        if len(per_cell[c]) == n_chunks[c]:
+            done[c] = pd.concat(per_cell.pop(c), ignore_index=True)
+            if write:
+                write_table(done[c], cells_dir / f"{_cell_hash(cfg, *c)}.parquet", {"config": cfg.identity(), "cell": c})
+    bar.close()
+    df = pd.concat([done[c] for c in cells], ignore_index=True)
+    if write:
+        write_table(df, cfg.output, result_metadata(cfg, pops, elapsed=time.time() - t0))
+    return df
+
+
+def result_metadata(cfg: ExperimentConfig, pops: dict, elapsed: float | None = None) -> dict:
+    """Resolved configuration plus each scenario's ``theta*`` and its Monte Carlo error."""
+    return {
+        "config": cfg.to_dict(),
+        "theta_star": {s: p.theta_star.tolist() for s, p in pops.items()},
+        "theta_star_se": {s: p.theta_star_se.tolist() for s, p in pops.items()},
+        "vrpo_version": vrpo.__version__,
+        "elapsed_s": elapsed,
+    }

@@ -1,0 +1,86 @@
+"""Monte Carlo summaries: means with standard errors, and ``n tr Cov(theta_hat)``.
+
+Every simulated number the suite reports goes through these functions, so each
+carries its Monte Carlo standard error and replication count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+GROUP = ["scenario", "kappa", "g", "method", "n"]
+METRICS = ["err", "regret", "regret_u", "win_ref", "win_mle", "cover_frac", "ci_width", "lam"]
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and its standard error ``sd / sqrt(R)`` (NaN-free input expected)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return np.nan, np.nan
+    if x.size == 1:
+        return float(x[0]), np.nan
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size))
+
+
+def theta_cols(df: pd.DataFrame) -> list[str]:
+    return sorted((c for c in df.columns if c.startswith("theta_")), key=lambda c: int(c.split("_")[1]))
+
+
+def trace_cov_se(theta: np.ndarray) -> tuple[float, float]:
+    """``tr Cov(theta_hat)`` from replications ``theta (R, d)`` and its standard error.
+
+    ``tr Cov = mean_r |theta_r - mean|^2 * R/(R-1)``; the SE is that of the mean of
+    ``D_r = |theta_r - mean|^2`` (delta method, ignoring the O(1/R) estimated-mean term).
+    """
+    theta = np.asarray(theta, dtype=float)
+    R = theta.shape[0]
+    D = np.sum((theta - theta.mean(axis=0)) ** 2, axis=-1) * R / (R - 1)
+    return float(D.mean()), float(D.std(ddof=1) / np.sqrt(R))
+
+
+def summarize(df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    """One row per scenario x g x method x n: ``<metric>`` and ``<metric>_se`` columns,
+    ``ntrcov`` (``n tr Cov(theta_hat)``) with its SE.
+
+    Replications whose fit did not converge (separable samples, or an unbounded VR
+    objective) are excluded and counted in ``nonconverged``; ``reps`` counts the rest.
+    """
+    rows = []
+    tc = theta_cols(df)
+    for key, grp in df.groupby(GROUP, sort=False):
+        row = dict(zip(GROUP, key))
+        ok = grp["converged"].astype(bool).to_numpy()
+        row["reps"] = int(ok.sum())
+        row["nonconverged"] = int((~ok).sum())
+        grp = grp[ok]
+        if grp.empty:
+            rows.append(row)
+            continue
+        for m in metrics:
+            if m in grp:
+                row[m], row[m + "_se"] = mean_se(grp[m])
+        t, tse = trace_cov_se(grp[tc].to_numpy())
+        row["ntrcov"], row["ntrcov_se"] = key[-1] * t, key[-1] * tse
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_summary(summ: pd.DataFrame) -> str:
+    """Human-readable table: mean +- MC standard error per method and n."""
+    def pm(r, m, fmt="{:.4f}"):
+        v, s = r.get(m, np.nan), r.get(m + "_se", np.nan)
+        if not np.isfinite(v):
+            return "-"
+        return (fmt + " +- " + fmt).format(v, s) if np.isfinite(s) else fmt.format(v)
+
+    out = pd.DataFrame({
+        "scenario": summ["scenario"], "g": summ["g"], "method": summ["method"], "n": summ["n"], "reps": summ["reps"],
+        "n*regret": [pm({"x": r.regret * r.n, "x_se": r.regret_se * r.n}, "x", "{:.3f}") for r in summ.itertuples()],
+        "n tr Cov": [pm(r._asdict(), "ntrcov", "{:.2f}") for r in summ.itertuples()],
+        "win vs MLE": [pm(r._asdict(), "win_mle") for r in summ.itertuples()],
+        "coverage": [pm(r._asdict(), "cover_frac", "{:.3f}") for r in summ.itertuples()],
+        "lam": [pm(r._asdict(), "lam", "{:.2f}") for r in summ.itertuples()],
+    })
+    return out.to_string(index=False)
