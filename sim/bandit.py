@@ -29,7 +29,7 @@ class BanditSpec:
     d: int = 4
     K: int = 8
     dx: int = 4
-    scale: float = 3.0
+    scale: float = 6.0
     beta: float = 1.0
     pi_ref: str = "uniform"
     seed: int = 0

@@ -52,7 +52,7 @@ class ExperimentConfig:
     d: int = 4
     K: int = 8
     dx: int = 4
-    scale: float = 3.0
+    scale: float = 6.0
     beta: float = 1.0
     pi_ref: str = "uniform"
     n: tuple[int, ...] = (250, 500, 1000, 2000)
