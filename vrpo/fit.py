@@ -47,7 +47,8 @@ class FitResult:
         separable samples, or a non-convex objective for ``lam > 1``). ``theta``
         is then the last finite iterate, never inf/NaN.
     n_iter : (...,) Newton iterations used (the final fit for ``lam="auto"``).
-    hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich.
+    hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich: pooled
+        over labelled and extra pairs, labelled pairs only where ``lam == 0``.
     parts : :class:`~vrpo.variance.VarianceParts` at ``theta``, from which
         ``cov`` was computed (``parts.cov(lam)`` for any other ``lam``).
     n : number of labelled pairs; aux : ``"none" | "same" | "fresh"``.
@@ -345,19 +346,27 @@ def _cov_scaled(X, u, v):
     return xtwx(X, u * v / rows) - mu[:, :, None] * mv[:, None, :]
 
 
-def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam_is_zero):
+def _lab_where_lam0(H_pooled, H_lab, lam):
+    if lam is None:
+        return H_pooled
+    return np.where((np.asarray(lam) == 0)[:, None, None], H_lab, H_pooled)
+
+
+def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`.
 
     Scores: ``a = (s - Z) X``, ``b = -(s - g) X [+ mean_m (s_m - g_m) X_m]``,
-    ``c = (s_j - g_j) X_j``; the Hessian is pooled over labelled and extra pairs
-    (all drawn from the same distribution), labelled only when ``lam = 0``.
+    ``c = (s_j - g_j) X_j``. The Hessian is pooled over labelled and extra pairs
+    (all drawn from the same distribution), except for replications with
+    ``lam == 0`` (``lam``: ``(R,)`` or None), which use the labelled pairs only,
+    so a fit at ``lam = 0`` (fixed, or power-tuned to 0) is exactly BT-MLE.
     """
     R, n, d = X.shape
     s = expit(margins(theta, X))  # (R, n)
     ra = s - Z
     H_lab = xtwx(X, s * (1.0 - s) / n)  # (R, d, d)
     eye = ridge * np.eye(d)
-    if mode == "none" or lam_is_zero:
+    if mode == "none":
         H = H_lab + eye
         S0 = _cov_scaled(X, ra, ra)
         zero = np.zeros_like(S0)
@@ -371,13 +380,13 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam_is_zero):
         e = np.einsum("rnm,rnmd->rnd", (sa - ga.reshape(R, n * M)).reshape(R, n, M), Xa) / M  # cluster by prompt
         a = ra[..., None] * X  # (R, n, d)
         b = rb[..., None] * X + e
-        H = (H_lab + M * H_aux) / (1.0 + M) + eye
+        H = _lab_where_lam0((H_lab + M * H_aux) / (1.0 + M) + eye, H_lab + eye, lam)
         return VarianceParts.from_scores(H, a, b), H
     N = Xa.shape[1]
     sa = expit(margins(theta, Xa))  # (R, N)
     rc = sa - ga
     H_aux = xtwx(Xa, sa * (1.0 - sa) / N)
-    H = (n * H_lab + N * H_aux) / (n + N) + eye
+    H = _lab_where_lam0((n * H_lab + N * H_aux) / (n + N) + eye, H_lab + eye, lam)
     Cab = _cov_scaled(X, ra, rb)
     S2 = _cov_scaled(X, rb, rb) + (n / N) * _cov_scaled(Xa, rc, rc)
     return VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n), H
@@ -458,7 +467,7 @@ def fit_bt(
         # n rows only) and, for lam="auto", where the PPI++ lam is estimated.
         pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
         if isinstance(lam_v, str):
-            parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge, False)
+            parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge)
             lam_f = parts.lam_opt(coord=lam_coord)
             th0 = pilot
         else:
@@ -470,7 +479,7 @@ def fit_bt(
     blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
     theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
     converged &= conv_p
-    parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, mode == "none")
+    parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
     cov = parts.cov(lam_f)
     if warn and not np.all(converged):
         k = int(np.sum(~converged))
