@@ -248,6 +248,14 @@ def _parallel_results(cfg: ExperimentConfig, tasks, pops):
             cluster.close()
 
 
+def _canonical_order(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
+    """Rows of a cell ordered by (g, method, rep) as listed in the config, whatever the chunking."""
+    g_rank = {g: i for i, g in enumerate(("none",) + tuple(cfg.g))}
+    m_rank = {m: i for i, m in enumerate(cfg.methods)}
+    key = df["g"].map(g_rank) * 10**9 + df["method"].map(m_rank) * 10**7 + df["rep"]
+    return df.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
 def run_experiment(cfg: ExperimentConfig, *, write: bool = True, resume: bool = True) -> pd.DataFrame:
     """Run the sweep of ``cfg``; returns the tidy table (and writes it to ``cfg.output``)."""
     from tqdm.auto import tqdm
@@ -275,7 +283,7 @@ def run_experiment(cfg: ExperimentConfig, *, write: bool = True, resume: bool = 
         per_cell[c].append(df)
         bar.update(1)
         if len(per_cell[c]) == n_chunks[c]:
-            done[c] = pd.concat(per_cell.pop(c), ignore_index=True)
+            done[c] = _canonical_order(pd.concat(per_cell.pop(c), ignore_index=True), cfg)
             if write:
                 write_table(done[c], cells_dir / f"{_cell_hash(cfg, *c)}.parquet", {"config": cfg.identity(), "cell": c})
     bar.close()
