@@ -192,3 +192,22 @@ def test_cli_print_config_and_tiny_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "n*regret" in text and "vr-auto" in text
     assert out.exists() and (tmp_path / "tiny_regret_vs_n.png").stat().st_size > 10_000
+
+
+def test_plugin_scenario_from_the_readme_runs_via_cli(tmp_path, capsys):
+    from pathlib import Path
+
+    from sim import make_scenario
+    from sim.bandit import Bandit, BanditSpec
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_scenario.py"
+    out = tmp_path / "plug.parquet"
+    assert cli_main(["run", "--plugins", str(example), "--scenarios", "saturating:2", "--n", "200", "--reps", "3",
+                     "--d", "3", "--n-pop", "500", "--n-eval", "50", "--output", str(out), "--no-progress"]) == 0
+    df, meta = read_results(out)
+    assert set(df["scenario"]) == {"saturating:2"} and meta["config"]["scenarios"] == ["saturating:2"]
+    # the example reduces to BT at kappa = 0
+    b = Bandit(BanditSpec(d=3))
+    sc = make_scenario("saturating:0", b)
+    x, a, c = np.zeros((5, 4)), np.random.default_rng(0).normal(size=(5, 3)), np.zeros((5, 3))
+    np.testing.assert_allclose(sc.p_star(x, a, c), 1 / (1 + np.exp(-(a @ b.theta_0))), rtol=1e-9)

@@ -13,9 +13,28 @@ _SCALAR_FIELDS = {"name": str, "d": int, "K": int, "dx": int, "scale": float, "b
                   "chunk_size": int, "n_jobs": int, "backend": str, "output": str}
 
 
+def import_plugins(specs) -> None:
+    """Import user modules (dotted names or ``.py`` paths) that register scenarios or g's."""
+    import importlib
+    import importlib.util
+
+    for spec in specs or ():
+        if spec.endswith(".py"):
+            path = Path(spec)
+            if not path.exists():
+                raise SystemExit(f"plugin file not found: {path}")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+
+
 def add_config_arguments(p) -> None:
     """CLI flags for every :class:`ExperimentConfig` field (they override the config file)."""
     p.add_argument("--config", type=Path, help="TOML or YAML experiment config (flags override it)")
+    p.add_argument("--plugins", nargs="+", metavar="MODULE_OR_FILE",
+                   help="modules or .py files to import first (custom scenarios / auxiliary models)")
     for name, typ in _LIST_FIELDS.items():
         help_ = {"methods": METHODS_HELP, "g": "auxiliary models: oracle, noisy:s, biased:deg, learned:K, self, "
                  "constant:c", "scenarios": "scenario specs name[:kappa]"}.get(name)
@@ -26,6 +45,7 @@ def add_config_arguments(p) -> None:
 
 
 def config_from_args(args) -> ExperimentConfig:
+    import_plugins(getattr(args, "plugins", None))
     cfg = ExperimentConfig.from_file(args.config) if args.config else ExperimentConfig()
     over = {k: getattr(args, k) for k in list(_LIST_FIELDS) + list(_SCALAR_FIELDS) if getattr(args, k) is not None}
     if args.no_progress:
@@ -35,7 +55,9 @@ def config_from_args(args) -> ExperimentConfig:
 
 def _run(args) -> int:
     from analysis.plots import plot_regret_vs_n
-    from sim.runner import run_experiment
+    import numpy as np
+
+    from sim.runner import read_results, run_experiment
     from sim.summary import format_summary, summarize
 
     cfg = config_from_args(args)
@@ -52,6 +74,10 @@ def _run(args) -> int:
     if nonconv:
         print(f"note: {nonconv} fit(s) did not converge (separable samples or an unbounded VR objective at lam=1); "
               "they are flagged in the table's 'converged' column and excluded from the summary")
+    _, meta = read_results(out)
+    for s, se in meta.get("theta_star_se", {}).items():
+        print(f"theta* ({s}): {np.round(meta['theta_star'][s], 4).tolist()}  Monte Carlo SE <= {max(se):.1e} "
+              f"({cfg.n_pop} contexts, exact over arms)")
     print(f"results: {out}\nfigure:  {fig}")
     return 0
 
