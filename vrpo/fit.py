@@ -175,16 +175,21 @@ class _Blocks:
     gradient and Hessian products are single batched BLAS calls over contiguous rows.
     """
 
-    XT: list  # each (W, d, rows)
+    XT: list  # each (W, d, rows) float64
     c: list  # each (W, rows)
     t: list  # each (W, rows)
+    XT32: list  # float32 copies of XT, for the Hessian
 
     @classmethod
     def from_rows(cls, Xs, cs, ts):
-        return cls([np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in Xs], list(cs), list(ts))
+        XT = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in Xs]
+        return cls(XT, list(cs), list(ts), [x.astype(np.float32) for x in XT])
 
     def take(self, idx):
-        return _Blocks([x[idx] for x in self.XT], [c[idx] for c in self.c], [t[idx] for t in self.t])
+        return _Blocks(*([a[idx] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
+
+    def slice(self, i, j):
+        return _Blocks(*([a[i:j] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
 
 
 def _objective_blocks(X, Z, g, Xa, ga, lam):
@@ -216,8 +221,7 @@ def _eval(blocks, theta, ridge, order):
     if B >= W:
         return _eval_dense(blocks, theta, ridge, order)
     out = [
-        _eval_dense(_Blocks([x[i:i + B] for x in blocks.XT], [c[i:i + B] for c in blocks.c],
-                            [t[i:i + B] for t in blocks.t]), theta[i:i + B], ridge, order)
+        _eval_dense(blocks.slice(i, i + B), theta[i:i + B], ridge, order)
         for i in range(0, W, B)
     ]
     return tuple(None if z[0] is None else np.concatenate(z) for z in zip(*out))
@@ -229,7 +233,7 @@ def _eval_dense(blocks, theta, ridge, order):
     hess = None
     if order >= 2:
         hess = np.broadcast_to(ridge * np.eye(theta.shape[-1]), theta.shape + theta.shape[-1:]).copy()
-    for XT, c, t in zip(blocks.XT, blocks.c, blocks.t):
+    for XT, c, t, XT32 in zip(blocks.XT, blocks.c, blocks.t, blocks.XT32):
         delta = np.matmul(theta[:, None, :], XT)[:, 0, :]  # (W, rows)
         softplus = np.maximum(delta, 0.0) + np.log1p(np.exp(-np.abs(delta)))
         f = f + np.sum(c * softplus - t * delta, axis=-1)
@@ -241,7 +245,6 @@ def _eval_dense(blocks, theta, ridge, order):
             # The Hessian only steers Newton's steps (the fixed point is set by the
             # float64 gradient), so it is formed in float32: half the memory traffic.
             w = (c * s * (1.0 - s)).astype(np.float32)  # (W, rows)
-            XT32 = XT.astype(np.float32)
             hess = hess + np.matmul(XT32 * w[:, None, :], np.swapaxes(XT32, 1, 2)).astype(float)  # (W, d, d)
     return f, grad, hess
 
