@@ -44,6 +44,7 @@ __all__ = [
     "reward_features",
     "default_cache_dir",
     "n_truncated",
+    "embed_pairs",
 ]
 
 EMBED_DIM = 384
@@ -96,6 +97,15 @@ def load_encoder(device: str = "cpu"):
             p.requires_grad_(False)
         _MODEL_CACHE[device] = m
     return _MODEL_CACHE[device]
+
+
+def load_tokenizer():
+    """The encoder's fast word-piece tokenizer alone (cheap; no weights loaded)."""
+    if "tokenizer" not in _MODEL_CACHE:
+        from transformers import AutoTokenizer
+
+        _MODEL_CACHE["tokenizer"] = AutoTokenizer.from_pretrained(str(model_path()), local_files_only=True)
+    return _MODEL_CACHE["tokenizer"]
 
 
 def texts_hash(texts) -> str:
@@ -179,7 +189,7 @@ def prompt_tail(prompts, max_tokens: int = MAX_SEQ_LENGTH - 2) -> list[str]:
     returned string re-tokenizes to (at most) those pieces. Prompts that fit are
     returned unchanged (stripped).
     """
-    tok = load_encoder().tokenizer
+    tok = load_tokenizer()
     out = []
     for p in prompts:
         enc = tok(p, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
@@ -200,7 +210,22 @@ def reward_features(e_prompt: np.ndarray, e_response: np.ndarray) -> np.ndarray:
     return np.concatenate([e_response, e_prompt * e_response], axis=-1)
 
 
+def embed_pairs(prompts, responses_0, responses_1, cache_dir=None, batch_size: int = 64, progress: bool = True):
+    """Embeddings of a table of pairs: ``(e_prompt, e_0, e_1)``, each ``(n, 384)``.
+
+    Prompts go through :func:`prompt_tail` (their last 254 word pieces) and are
+    encoded in one cached call; the two response columns in another.
+    """
+    prompts, r0, r1 = list(prompts), list(responses_0), list(responses_1)
+    if not (len(prompts) == len(r0) == len(r1)):
+        raise ValueError(f"need equal lengths, got {len(prompts)}, {len(r0)}, {len(r1)}")
+    n = len(prompts)
+    e_x = embed_texts(prompt_tail(prompts), cache_dir, batch_size, progress, desc="prompts")
+    e_r = embed_texts(r0 + r1, cache_dir, batch_size, progress, desc="responses")
+    return e_x, e_r[:n], e_r[n:]
+
+
 def n_truncated(texts, max_tokens: int = MAX_SEQ_LENGTH - 2) -> int:
     """How many texts exceed the encoder's window (would be cut)."""
-    tok = load_encoder().tokenizer
+    tok = load_tokenizer()
     return int(sum(len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]) > max_tokens for t in texts))

@@ -1,0 +1,265 @@
+"""Figure and report fragment of the HH reward experiment, generated from its results only.
+
+:func:`make_figure` draws the resampled variance ratio and the held-out accuracy
+against ``n`` for every cell and auxiliary model; :func:`make_fragment` writes the
+markdown section (tables and verdicts computed from the result rows, no
+hand-written numbers). Image links are relative to ``paper_figures/`` (where the
+assembled ``REPORT.md`` lives).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["make_figure", "make_fragment", "verdict"]
+
+G_ORDER = ("llm", "learned", "constant")
+G_LABEL = {"llm": "GPT-3.5 label", "learned": "learned g (cross-fitted)", "constant": "constant 1/2"}
+G_COLOR = {"llm": "tab:red", "learned": "tab:blue", "constant": "tab:gray"}
+M_STYLE = {"vr": ("-", "o", "VR (lam=1)"), "auto": ("--", "s", "VR-auto")}
+FIG_NAME = "hh_reward_variance_accuracy"
+SIG = 2.0  # a ratio "helps"/"hurts" when it is more than SIG standard errors from 1
+
+
+def make_figure(result: dict, fig_dir: Path, save) -> list[Path]:
+    """Variance ratio (top) and held-out accuracy (bottom) vs ``n``, one column per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    df = pd.DataFrame(result["rows"])
+    cells = list(dict.fromkeys(df["cell"]))
+    info = {c["cell"]: c for c in result["cells"]}
+    reps = result["config"]["reps"]
+    fig, axes = plt.subplots(2, len(cells), figsize=(3.6 * len(cells), 6.4), squeeze=False, sharex=True)
+    for j, cell in enumerate(cells):
+        d = df[df["cell"] == cell]
+        ax_v, ax_a = axes[0, j], axes[1, j]
+        mle = d[d["method"] == "mle"].sort_values("n")
+        for g in [g for g in G_ORDER if g in set(d["g"])]:
+            for m, (ls, mk, mlabel) in M_STYLE.items():
+                s = d[(d["g"] == g) & (d["method"] == m)].sort_values("n")
+                kw = dict(color=G_COLOR[g], ls=ls, marker=mk, ms=4, capsize=2, lw=1.3)
+                ax_v.errorbar(s["n"], s["var_ratio"], yerr=1.96 * s["var_ratio_se"], label=f"{G_LABEL[g]}, {mlabel}", **kw)
+                ax_a.errorbar(s["n"], s["acc"], yerr=1.96 * s["acc_se"], **kw)
+        ax_a.errorbar(mle["n"], mle["acc"], yerr=1.96 * mle["acc_se"], color="black", marker="D", ms=4, lw=1.6,
+                      capsize=2, label="MLE")
+        ax_a.axhline(info[cell]["theta_star_heldout_acc"], color="black", ls=":", lw=1,
+                     label="pool BT projection theta*")
+        ax_v.axhline(1.0, color="black", lw=0.8)
+        ax_v.set_yscale("log")
+        ax_v.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+        ax_v.yaxis.set_major_formatter(plain)
+        ax_v.yaxis.set_minor_formatter(plain)
+        ax_v.tick_params(axis="y", which="minor", labelsize=7)
+        ax_v.set_title(f"{cell}\npool {info[cell]['pool']}, held-out {info[cell]['heldout']}, "
+                       f"agree {info[cell]['agree_pool']:.2f}", fontsize=9)
+        ax_a.set_xlabel("labelled pairs n")
+        ax_a.set_xticks(sorted(set(d["n"])))
+        ax_a.set_xticklabels([str(n) for n in sorted(set(d["n"]))], fontsize=8)
+    axes[0, 0].set_ylabel("tr Cov(VR) / tr Cov(MLE)\n(resampled; < 1: VR less variable)")
+    axes[1, 0].set_ylabel("held-out accuracy vs human labels")
+    h1, l1 = axes[0, 0].get_legend_handles_labels()
+    h2, l2 = axes[1, 0].get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=4, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"HH-RLHF, linear reward on all-MiniLM-L6-v2 features (d = {result['config']['d']}); "
+                 f"{reps} subsamples per n, error bars 95% Monte Carlo", fontsize=10)
+    fig.tight_layout()
+    paths = []
+    for ext in (".png", ".pdf"):
+        p = Path(fig_dir) / f"{FIG_NAME}{ext}"
+        save(fig, p)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def verdict(ratio: float, se: float) -> str:
+    """``helps`` / ``hurts`` when the variance ratio is more than SIG SE below / above 1."""
+    if ratio + SIG * se < 1.0:
+        return "helps"
+    if ratio - SIG * se > 1.0:
+        return "hurts"
+    return "no detectable change"
+
+
+def _fmt_ratio(r, se):
+    return f"{r:.2f} ± {se:.2f}"
+
+
+def _ns_list(ns):
+    return ", ".join(str(int(n)) for n in ns) if len(ns) else "none"
+
+
+def _verdict_lines(df: pd.DataFrame) -> list[str]:
+    lines = []
+    for cell in dict.fromkeys(df["cell"]):
+        d = df[df["cell"] == cell]
+        parts = []
+        for g in [g for g in G_ORDER if g in set(d["g"])]:
+            sub = []
+            for m in ("vr", "auto"):
+                s = d[(d["g"] == g) & (d["method"] == m)].sort_values("n")
+                v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
+                helps = s["n"][[x == "helps" for x in v]].tolist()
+                hurts = s["n"][[x == "hurts" for x in v]].tolist()
+                lo, hi = s["var_ratio"].min(), s["var_ratio"].max()
+                txt = f"{M_STYLE[m][2]}: variance ratio {lo:.2f}–{hi:.2f}; helps at n = {_ns_list(helps)}; hurts at n = {_ns_list(hurts)}"
+                if m == "auto":
+                    txt += f"; mean lam {s['lam_mean'].min():.2f}–{s['lam_mean'].max():.2f}"
+                div = s[s["diverged"] > 0]
+                if len(div):
+                    txt += "; no finite minimiser in " + ", ".join(
+                        f"{int(k)} of {int(k + u)} subsamples at n = {int(n)}"
+                        for k, u, n in zip(div["diverged"], div["reps_used"], div["n"]))
+                    txt += " (left out, paired with MLE)"
+                sub.append(txt)
+            parts.append(f"  - {G_LABEL[g]}: " + " | ".join(sub))
+        lines.append(f"- **{cell}**\n" + "\n".join(parts))
+    return lines
+
+
+def _share(k: int, tot: int) -> str:
+    if k == 0:
+        return "in no setting"
+    if k == tot:
+        return f"in every setting ({tot} of {tot})"
+    return f"in {k} of {tot} settings"
+
+
+def _summary_statement(df: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """Plain answers: does the LLM annotator help, hurt at lam = 1, what does auto do (from the rows)."""
+    out = []
+    n_cells, n_ns = df["cell"].nunique(), df["n"].nunique()
+    for g in [g for g in G_ORDER if g in set(df["g"])]:
+        bits = []
+        for m in ("vr", "auto"):
+            s = df[(df["g"] == g) & (df["method"] == m)]
+            v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
+            tot = len(v)
+            k_help, k_hurt = v.count("helps"), v.count("hurts")
+            acc_lo, acc_hi = 100 * s["acc_diff"].min(), 100 * s["acc_diff"].max()
+            txt = (f"{M_STYLE[m][2]} reduces the variance of theta_hat {_share(k_help, tot)} and increases it "
+                   f"{_share(k_hurt, tot)} (ratio to MLE {s['var_ratio'].min():.2f}–{s['var_ratio'].max():.2f}, "
+                   f"median {np.median(s['var_ratio']):.2f}); held-out accuracy changes by {acc_lo:+.1f} to "
+                   f"{acc_hi:+.1f} points")
+            if m == "auto":
+                txt += f"; its lam averages {s['lam_mean'].mean():.2f} (range of means {s['lam_mean'].min():.2f}–{s['lam_mean'].max():.2f})"
+            bits.append(txt)
+        out.append(f"- **{G_LABEL[g]}** ({n_cells} cells × {n_ns} sizes): " + ". ".join(bits) + ".")
+    if {"brier_llm", "brier_theta_star"} <= set(cells.columns):
+        line = (f"- *Why*: at lam = 1 the labelled part of the VR score is `(g - Z) X` instead of MLE's "
+                f"`(sigma(delta) - Z) X`, so VR can only gain if g predicts the human label better in squared error "
+                f"than the fitted BT model does. The GPT-3.5 label's Brier score is 1 - agreement = "
+                f"{cells['brier_llm'].min():.2f}–{cells['brier_llm'].max():.2f} against "
+                f"{cells['brier_theta_star'].min():.2f}–{cells['brier_theta_star'].max():.2f} for sigma(delta*)")
+        if "g_brier_labelled" in df.columns and "learned" in set(df["g"]):
+            lb = df[(df["g"] == "learned") & (df["method"] == "vr")]["g_brier_labelled"]
+            line += f", and {lb.min():.3f}–{lb.max():.3f} for the cross-fitted learned g"
+        out.append(line + ".")
+    return out
+
+
+def _ratio_table(df: pd.DataFrame) -> list[str]:
+    ns = sorted(df["n"].unique())
+    head = "| cell | g | method | " + " | ".join(f"n={n}" for n in ns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(ns))]
+    for cell in dict.fromkeys(df["cell"]):
+        for g in [g for g in G_ORDER if g in set(df["g"])]:
+            for m in ("vr", "auto"):
+                s = df[(df["cell"] == cell) & (df["g"] == g) & (df["method"] == m)].set_index("n")
+                vals = [f"{_fmt_ratio(s.loc[n, 'var_ratio'], s.loc[n, 'var_ratio_se'])} [{s.loc[n, 'sandwich_ratio']:.2f}]"
+                        + (f" †{int(s.loc[n, 'diverged'])}" if s.loc[n, "diverged"] > 0 else "")
+                        for n in ns]
+                lines.append(f"| {cell} | {G_LABEL[g]} | {M_STYLE[m][2]} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def _acc_table(df: pd.DataFrame) -> list[str]:
+    ns = sorted(df["n"].unique())
+    lines = ["| cell | model | " + " | ".join(f"n={n}" for n in ns) + " |", "|" + "---|" * (2 + len(ns))]
+    for cell in dict.fromkeys(df["cell"]):
+        d = df[df["cell"] == cell]
+        s = d[d["method"] == "mle"].set_index("n")
+        lines.append(f"| {cell} | MLE | " + " | ".join(
+            f"{s.loc[n, 'acc']:.3f} / {s.loc[n, 'logloss']:.3f}" for n in ns) + " |")
+        for g in [g for g in G_ORDER if g in set(d["g"])]:
+            for m in ("vr", "auto"):
+                s = d[(d["g"] == g) & (d["method"] == m)].set_index("n")
+                lines.append(f"| {cell} | {G_LABEL[g]}, {M_STYLE[m][2]} | " + " | ".join(
+                    f"{s.loc[n, 'acc_diff']:+.3f} / {s.loc[n, 'logloss_diff']:+.3f}" for n in ns) + " |")
+    return lines
+
+
+def _calib_table(df: pd.DataFrame) -> list[str]:
+    ns = sorted(df["n"].unique())
+    n_lo, n_hi = ns[0], ns[-1]
+    lines = [f"| cell | g | method | sandwich / resampled (n={n_lo}) | (n={n_hi}) | 95% CI width (n={n_lo}) | (n={n_hi}) "
+             f"| coverage of theta* (n={n_lo}) | (n={n_hi}) |", "|" + "---|" * 9]
+    for cell in dict.fromkeys(df["cell"]):
+        d = df[df["cell"] == cell]
+        combos = [("none", "mle")] + [(g, m) for g in G_ORDER if g in set(d["g"]) for m in ("vr", "auto")]
+        for g, m in combos:
+            s = d[(d["g"] == g) & (d["method"] == m)].set_index("n")
+            gl = "—" if g == "none" else G_LABEL[g]
+            ml = "MLE" if m == "mle" else M_STYLE[m][2]
+            lines.append(
+                f"| {cell} | {gl} | {ml} | {s.loc[n_lo, 'calibration']:.2f} ± {s.loc[n_lo, 'calibration_se']:.2f} "
+                f"| {s.loc[n_hi, 'calibration']:.2f} ± {s.loc[n_hi, 'calibration_se']:.2f} "
+                f"| {s.loc[n_lo, 'ci_width']:.3f} | {s.loc[n_hi, 'ci_width']:.3f} "
+                f"| {s.loc[n_lo, 'coverage']:.3f} | {s.loc[n_hi, 'coverage']:.3f} |"
+            )
+    return lines
+
+
+def make_fragment(result: dict, pngs: list[Path], fig_dir: Path) -> str:
+    """The markdown section ``paper_figures/sections/hh_reward.md`` (numbers from ``result`` only)."""
+    cfg = result["config"]
+    df = pd.DataFrame(result["rows"])
+    agree = pd.DataFrame(result["agreement"])
+    cells = pd.DataFrame(result["cells"])
+    L = ["## Real preference data: HH-RLHF human labels with a GPT-3.5 annotator as g", ""]
+    L.append(
+        "*Generated by `vrpo hh-reward` from `results/hh_reward/results.json`; do not edit by hand.* "
+        f"Seed {cfg['seed']}; {cfg['reps']} random subsamples per n; {cfg['n_aux']} auxiliary pairs per subsample; "
+        f"run time {result['timing']['total_s'] / 60:.1f} min (embeddings {result['timing']['load_and_embed_s']:.0f} s)."
+    )
+    L += ["", "**Setup.** Relabeled HH-RLHF test pairs (Siththaranjan et al. 2023): each pair has the crowdworker's "
+          "label Z and a GPT-3.5 label for one objective. A *cell* is one HH subset judged for one objective; cells are "
+          "not pooled (helpful- and harmless-derived human preferences conflict). Reward: linear in "
+          "`phi(x,y) = [e(y), e(x)*e(y)]`, frozen all-MiniLM-L6-v2 embeddings with the response and the prompt's "
+          f"last 254 word pieces encoded separately, margins projected on their top d = {cfg['d']} principal directions "
+          f"(whitened). Each cell is split once into {cfg['heldout_frac']:.0%} held-out pairs and a pool; labelled "
+          "sets of size n and the auxiliary pairs (LLM label only, human label hidden) are independent i.i.d. draws "
+          "from the pool, so every method targets the same theta* (the BT projection of the pool) and the sandwich "
+          "can be checked against the resampled covariance. g: the raw GPT-3.5 label (0/1); a logistic calibration of "
+          f"the LLM label plus the features, {cfg['k_folds']}-fold cross-fitted on the labelled set; the constant 1/2.", ""]
+    L += ["**Human / LLM agreement** (share of pairs where GPT-3.5 picks the human-preferred response; ± binomial SE):", ""]
+    L += ["| GPT-3.5 objective | HH subset | pairs | agree | rate |", "|---|---|---|---|---|"]
+    for r in agree.itertuples():
+        L.append(f"| {r.objective} | {r.subset} | {r.pairs} | {r.agree} | {r.rate:.3f} ± {r.se:.3f} |")
+    L += ["", "| cell | pool | held-out | theta* held-out accuracy | GPT-3.5 label held-out accuracy |", "|---|---|---|---|---|"]
+    for r in cells.itertuples():
+        L.append(f"| {r.cell} | {r.pool} | {r.heldout} | {r.theta_star_heldout_acc:.3f} | {r.llm_heldout_acc:.3f} |")
+    L += [""]
+    for p in pngs:
+        L += [f"![Variance ratio and held-out accuracy vs n per auxiliary model]({Path(p).name})", ""]
+    L += [f"*Figure: top, resampled `tr Cov(theta_hat)` of VR (solid, lam = 1) and VR-auto (dashed) divided by that of "
+          f"MLE on the same {cfg['reps']} subsamples (log scale; below 1 means VR varies less); bottom, held-out accuracy "
+          "against human labels (MLE black; dotted: theta*). Bars: 95% Monte Carlo intervals over subsamples.*", ""]
+    L += ["**Verdict** (a change counts when the variance ratio is more than 2 Monte Carlo SE from 1):", ""]
+    L += _summary_statement(df, cells) + [""]
+    L += _verdict_lines(df) + [""]
+    L += ["**Variance ratio** `tr Cov(VR) / tr Cov(MLE)`, resampled ± SE, [sandwich estimate]; †k: k subsamples "
+          "where the fit had no finite minimiser, left out (with their MLE twin):", ""] + _ratio_table(df) + [""]
+    L += ["**Held-out accuracy / log-loss** against human labels: MLE absolute, others as difference from MLE on the "
+          "same subsamples:", ""] + _acc_table(df) + [""]
+    L += ["**Inference**: sandwich variance over resampled variance (1 = calibrated), mean 95% Wald CI width (per "
+          "coordinate), and coverage of theta* (nominal 0.95):", ""] + _calib_table(df) + [""]
+    return "\n".join(L) + "\n"
