@@ -1,0 +1,112 @@
+"""Extra responses ``a_1, a_2 ~ pi_ref(.|x)`` for every training prompt, generated once and cached.
+
+The cache file (JSON, written atomically) is keyed by the sampling settings, the
+``pi_ref`` model fingerprint and the prompts, so DPO, VRPO and every rerun reuse
+the same samples, and a changed ``pi_ref`` or setting regenerates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .trainer import model_fingerprint
+
+__all__ = ["SamplingConfig", "sample_responses", "aux_responses"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled from ``pi_ref`` (validated)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 192
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
+        if self.max_new_tokens < 1 or self.max_prompt_tokens < 1 or self.batch_size < 1 or self.top_k < 0:
+            raise ValueError("max_new_tokens, max_prompt_tokens, batch_size must be >= 1, top_k >= 0")
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: Sequence[str], n: int, cfg: SamplingConfig,
+                     progress: bool = True, desc: str = "sampling") -> list[list[str]]:
+    """``n`` sampled continuations (decoded text, cut at EOS, one leading space dropped) per prompt; ``out[i][k]``.
+
+    Prompts are left-truncated to ``cfg.max_prompt_tokens`` and left-padded. Batch ``b``
+    is sampled under ``torch.manual_seed(cfg.seed + b)``, so the samples depend only on
+    the seed, the model and the prompts (not on earlier calls).
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = [x[-cfg.max_prompt_tokens:] for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    rows = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    out: list[list[str]] = [[""] * n for _ in prompts]
+    for b, s in enumerate(tqdm(range(0, len(rows), cfg.batch_size), desc=desc, disable=not progress, mininterval=2)):
+        chunk = rows[s : s + cfg.batch_size]
+        T = max(len(ids[i]) for i, _ in chunk)
+        x = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for j, (i, _) in enumerate(chunk):
+            x[j, T - len(ids[i]) :] = torch.tensor(ids[i])
+            mask[j, T - len(ids[i]) :] = 1
+        torch.manual_seed(cfg.seed + b)
+        gen = model.generate(
+            input_ids=x.to(device), attention_mask=mask.to(device), do_sample=True, temperature=cfg.temperature,
+            top_k=cfg.top_k or None, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+        )[:, T:]  # (rows, <= max_new_tokens)
+        for j, (i, k) in enumerate(chunk):
+            toks = gen[j].tolist()
+            if eos in toks:
+                toks = toks[: toks.index(eos)]
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            out[i][k] = text[1:] if text.startswith(" ") else text
+    model.train(was_training)
+    return out
+
+
+def _key(model, prompts: Sequence[str], n: int, cfg: SamplingConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model_fingerprint(model), "n": n, "cfg": asdict(cfg)}, sort_keys=True).encode())
+    for p in prompts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def aux_responses(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, cache_dir: str | os.PathLike,
+                  progress: bool = True) -> tuple[list[str], list[str]]:
+    """``(a_1, a_2)`` lists, one pair per prompt, sampled from ``model`` (= ``pi_ref``) or read from the cache.
+
+    Responses follow the data convention of :mod:`llm.data` (``prompt + " " + response``
+    is the transcript): one leading space of the decoded continuation is dropped.
+    """
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"aux-{_key(model, prompts, 2, cfg)}.json"
+    if path.exists():
+        blob = json.loads(path.read_text())
+        return blob["a_1"], blob["a_2"]
+    pairs = sample_responses(model, tokenizer, prompts, 2, cfg, progress=progress, desc="a_1, a_2 ~ pi_ref")
+    blob = {"config": asdict(cfg), "n_prompts": len(prompts), "a_1": [p[0] for p in pairs], "a_2": [p[1] for p in pairs]}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(blob, f)
+    os.replace(tmp, path)
+    return blob["a_1"], blob["a_2"]

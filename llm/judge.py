@@ -1,0 +1,109 @@
+"""Linear Bradley-Terry preference models on text features: the demo's ``g`` and its judge.
+
+:class:`LinearPreferenceModel` fits ``r(x, y) = w . phi(x, y)`` by logistic regression
+on feature differences ``phi(x, y1) - phi(x, y2)`` (each pair in both orders, no
+intercept, so ``P(a > b) = 1 - P(b > a)`` exactly), with the L2 strength chosen by
+cross-validation on its own training split. Two feature maps:
+
+- :class:`MiniLMFeatures` (the judge): frozen all-MiniLM-L6-v2 embeddings,
+  ``phi = [e(y), e(x) * e(y)]`` (:func:`llm.features.reward_features`);
+- :class:`TfidfFeatures` (``g``): word 1-2-gram TF-IDF of the response, fitted on
+  ``g``'s own split; a different feature family, so ``g`` and the judge do not share
+  a representation.
+
+An instance is callable as ``model(prompts, a, b) -> P(a > b)``, the ``g_model``
+signature of :func:`llm.trainer.build_preference_data`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from vrpo.loss import sigmoid
+
+__all__ = ["MiniLMFeatures", "TfidfFeatures", "LinearPreferenceModel"]
+
+
+class MiniLMFeatures:
+    """``phi(x, y) = [e(y), e(x) * e(y)]`` from frozen MiniLM embeddings (cached on disk)."""
+
+    name = "MiniLM-L6 [e(y), e(x)*e(y)]"
+
+    def __init__(self, cache_dir=None, progress: bool = False):
+        self.cache_dir, self.progress = cache_dir, progress
+
+    def fit(self, prompts, responses):
+        return self
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        from .features import embed_texts, prompt_tail, reward_features
+
+        e_x = embed_texts(prompt_tail(list(prompts)), cache_dir=self.cache_dir, progress=self.progress,
+                          desc="embed prompts")
+        e_y = embed_texts([r if r.strip() else "(empty)" for r in responses], cache_dir=self.cache_dir,
+                          progress=self.progress, desc="embed responses")
+        return reward_features(e_x, e_y)  # (n, 768)
+
+
+class TfidfFeatures:
+    """Word 1-2-gram TF-IDF of the response (vocabulary fitted on the training responses)."""
+
+    name = "TF-IDF 1-2-grams of the response"
+
+    def __init__(self, max_features: int = 20000):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=max_features, sublinear_tf=True)
+
+    def fit(self, prompts, responses):
+        self.vec.fit(list(responses))
+        return self
+
+    def __call__(self, prompts, responses):
+        return self.vec.transform(list(responses))
+
+
+class LinearPreferenceModel:
+    """BT reward ``r = w . phi`` fitted on (prompt, chosen, rejected) pairs."""
+
+    def __init__(self, features, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0), seed: int = 0):
+        self.features, self.Cs, self.seed = features, tuple(Cs), seed
+        self.w = None
+        self.C = None
+        self.cv_accuracy = None
+
+    def fit(self, prompts, chosen, rejected) -> "LinearPreferenceModel":
+        from scipy import sparse
+        from sklearn.linear_model import LogisticRegressionCV
+
+        prompts, chosen, rejected = list(prompts), list(chosen), list(rejected)
+        self.features.fit(prompts + prompts, chosen + rejected)
+        diff = self.features(prompts, chosen) - self.features(prompts, rejected)  # (n, d)
+        X = sparse.vstack([diff, -diff]) if sparse.issparse(diff) else np.vstack([diff, -diff])
+        y = np.r_[np.ones(len(prompts)), np.zeros(len(prompts))]
+        n = len(prompts)
+        folds = np.arange(n) % 5  # both orders of a pair in the same fold
+        rng = np.random.default_rng(self.seed)
+        folds = rng.permutation(folds)
+        cv = [(np.where(np.r_[folds, folds] != k)[0], np.where(np.r_[folds, folds] == k)[0]) for k in range(5)]
+        clf = LogisticRegressionCV(Cs=list(self.Cs), cv=cv, fit_intercept=False, max_iter=2000, scoring="accuracy")
+        clf.fit(X, y)
+        self.w = clf.coef_.ravel()
+        self.C = float(clf.C_[0])
+        self.cv_accuracy = float(clf.scores_[1.0].mean(axis=0).max())
+        return self
+
+    def reward(self, prompts, responses) -> np.ndarray:
+        """(n,) rewards ``w . phi(x, y)``."""
+        return np.asarray(self.features(list(prompts), list(responses)) @ self.w).ravel()
+
+    def __call__(self, prompts, a, b) -> np.ndarray:
+        """(n,) ``P(a > b) = sigma(r(x, a) - r(x, b))``."""
+        return sigmoid(self.reward(prompts, a) - self.reward(prompts, b))
+
+    def accuracy(self, prompts, chosen, rejected) -> float:
+        """Share of pairs where ``r(chosen) > r(rejected)`` (ties count 1/2)."""
+        d = self.reward(prompts, chosen) - self.reward(prompts, rejected)
+        return float(np.mean((d > 0) + 0.5 * (d == 0)))

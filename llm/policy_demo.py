@@ -1,0 +1,347 @@
+"""Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch.
+
+No pretrained LM weights are reachable here, so ``pi_ref`` is a small GPT-2 whose
+tokenizer and weights are trained on HH text (SFT on prompt + chosen response of the
+policy split). Then, on disjoint, seeded splits of the HH harmless-base pairs:
+
+====== =====================================================================
+split  use
+====== =====================================================================
+train  SFT text for ``pi_ref``; DPO and VRPO pairs; prompts for ``a_1, a_2 ~ pi_ref``
+g      fits ``g``: a BT model on TF-IDF response features (:mod:`llm.judge`)
+judge  fits the judge: a BT model on frozen MiniLM embeddings (other features, other labels)
+eval   held-out pairs: implicit-reward accuracy; prompts for judged generations
+====== =====================================================================
+
+DPO (``lam = 0``) and VRPO (``lam = cfg.lam``, ``g`` from the g model on both pairs) start
+from the same ``pi_ref`` with the same seed, data order and step budget. The
+gradient-variance probe measures, at fixed parameters (``pi_ref`` and the trained DPO
+policy), the trace of the covariance of minibatch gradients of both objectives.
+
+Everything is cached under ``cfg.cache_dir`` (tokenizer, ``pi_ref``, aux responses,
+reference log-probs, embeddings) and checkpointed under ``cfg.results_dir``; results
+(JSON with the resolved config), the figure and the report fragment are generated
+from the run. ``vrpo policy-demo`` is the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DemoConfig", "smoke_config", "run", "default_data_path"]
+
+
+def default_data_path() -> Path:
+    """``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` beside the repository."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@dataclass
+class DemoConfig:
+    """Every setting of the demo; validated on construction, written into every result and checkpoint."""
+
+    data_path: str = ""
+    cache_dir: str = ".cache/policy_demo"
+    results_dir: str = "results/policy_demo"
+    fig_dir: str = "paper_figures"
+    seed: int = 0
+    # splits of the HH pairs (sizes; the rest is unused)
+    n_train: int = 1000
+    n_g: int = 500
+    n_judge: int = 500
+    n_eval: int = 300
+    # tokenizer and model
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 48
+    # SFT -> pi_ref
+    sft_steps: int = 300
+    sft_batch_size: int = 16
+    sft_lr: float = 2e-3
+    # a_1, a_2 ~ pi_ref
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    # DPO / VRPO
+    beta: float = 0.1
+    lam: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 150
+    warmup_steps: int = 10
+    shared_prompt: bool = True
+    precision: str = "fp32"
+    checkpoint_every: int = 50
+    # evaluation
+    probe_batch_size: int = 16
+    probe_pairs: int = 24
+    n_gen_prompts: int = 200
+    gen_samples: int = 2
+    progress: bool = True
+    smoke: bool = False
+
+    def __post_init__(self):
+        if not self.data_path:
+            self.data_path = str(default_data_path())
+        for name in ("n_train", "n_g", "n_judge", "n_eval", "vocab_size", "n_layer", "n_embd", "n_head",
+                     "max_prompt_tokens", "max_response_tokens", "sft_steps", "sft_batch_size", "max_new_tokens",
+                     "batch_size", "grad_accum", "steps", "probe_batch_size", "probe_pairs", "n_gen_prompts",
+                     "gen_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.probe_batch_size > self.n_train or self.batch_size > self.n_train:
+            raise ValueError("batch sizes must not exceed n_train")
+        if self.n_gen_prompts > self.n_eval:
+            raise ValueError(f"n_gen_prompts ({self.n_gen_prompts}) must be <= n_eval ({self.n_eval})")
+        if self.beta <= 0 or self.temperature <= 0 or self.lr <= 0 or self.sft_lr <= 0:
+            raise ValueError("beta, temperature, lr and sft_lr must be > 0")
+        if self.lam == 0:
+            raise ValueError("lam = 0 would make VRPO identical to the DPO baseline; use lam != 0")
+
+    def part_hash(self, *fields: str) -> str:
+        d = asdict(self)
+        return hashlib.sha256(json.dumps({f: d[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def smoke_config(**over) -> DemoConfig:
+    """Seconds-scale settings for the test suite (same pipeline, tiny sizes)."""
+    base = dict(n_train=48, n_g=40, n_judge=40, n_eval=24, vocab_size=400, n_layer=2, n_embd=32, n_head=2,
+                max_prompt_tokens=48, max_response_tokens=16, sft_steps=20, sft_batch_size=8, max_new_tokens=12,
+                batch_size=8, steps=6, warmup_steps=2, checkpoint_every=3, probe_batch_size=8, probe_pairs=4,
+                n_gen_prompts=12, gen_samples=1, lr=1e-3, smoke=True, progress=False)
+    base.update(over)
+    return DemoConfig(**base)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _splits(n_total: int, cfg: DemoConfig) -> dict[str, np.ndarray]:
+    need = cfg.n_train + cfg.n_g + cfg.n_judge + cfg.n_eval
+    if need > n_total:
+        raise ValueError(f"splits need {need} pairs, the data has {n_total}")
+    perm = np.random.default_rng(cfg.seed).permutation(n_total)
+    out, s = {}, 0
+    for name, k in (("train", cfg.n_train), ("g", cfg.n_g), ("judge", cfg.n_judge), ("eval", cfg.n_eval)):
+        out[name] = np.sort(perm[s : s + k])
+        s += k
+    return out
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[policy-demo {time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run the whole demo; returns (and writes) the results dict."""
+    import torch
+
+    from .aux_responses import SamplingConfig, aux_responses, sample_responses
+    from .data import load_hh
+    from .judge import LinearPreferenceModel, MiniLMFeatures, TfidfFeatures
+    from .policy_eval import gradient_variance_probe, implicit_reward_accuracy, win_rate
+    from .tiny_lm import atomic_save, encode_pair_texts, sft, tiny_gpt2, train_bpe_tokenizer
+    from .trainer import TrainerConfig, VRPOTrainer, build_preference_data, compute_ref_logps
+
+    t0, c0 = time.time(), time.process_time()
+    torch.manual_seed(cfg.seed)
+    cache, res = Path(cfg.cache_dir), Path(cfg.results_dir)
+    resolved = asdict(cfg)
+    timings = {}
+
+    # ---------------------------------------------------------------- data
+    df = load_hh(cfg.data_path, on_error="skip")
+    report = df.attrs.get("load_report")
+    split = _splits(len(df), cfg)
+    part = {k: df.iloc[v].reset_index(drop=True) for k, v in split.items()}
+    _log(f"{len(df)} HH pairs ({report.n_skipped if report else 0} skipped lines); splits "
+         + ", ".join(f"{k}={len(v)}" for k, v in part.items()), t0)
+    sp = lambda xs: [" " + x for x in xs]  # noqa: E731  (prompt + " " + response is the transcript)
+
+    # ---------------------------------------------------------------- tokenizer + pi_ref
+    t = time.time()
+    tr = part["train"]
+    key = cfg.part_hash("data_path", "seed", "n_train", "n_g", "n_judge", "n_eval", "vocab_size")
+    tok = train_bpe_tokenizer((tr.prompt + " " + tr.chosen).tolist(), vocab_size=cfg.vocab_size,
+                              save_dir=cache / f"tokenizer-{key}")
+    pad = tok.pad_token_id
+    model = tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head,
+                      n_positions=cfg.max_prompt_tokens + max(cfg.max_response_tokens, cfg.max_new_tokens) + 8,
+                      eos_token_id=tok.eos_token_id, seed=cfg.seed)
+    key = cfg.part_hash("data_path", "seed", "n_train", "n_g", "n_judge", "n_eval", "vocab_size", "n_layer", "n_embd",
+                        "n_head", "max_prompt_tokens", "max_response_tokens", "max_new_tokens", "sft_steps",
+                        "sft_batch_size", "sft_lr")
+    sft_path = cache / f"pi_ref-{key}.pt"
+    if sft_path.exists():
+        blob = torch.load(sft_path, weights_only=False)
+        model.load_state_dict(blob["model"])
+        sft_losses = blob["losses"]
+    else:
+        p_ids, r_ids = encode_pair_texts(tok, tr.prompt.tolist(), [[r] for r in sp(tr.chosen)],
+                                         cfg.max_prompt_tokens, cfg.max_response_tokens)
+        seqs = [p + r[0] for p, r in zip(p_ids, r_ids)]
+        sft_losses = sft(model, seqs, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.seed, pad,
+                         progress=cfg.progress, desc="SFT pi_ref")
+        atomic_save({"model": model.state_dict(), "losses": sft_losses, "config": resolved}, sft_path)
+    model.eval()
+    timings["sft_s"] = time.time() - t
+    _log(f"pi_ref ready (SFT loss {sft_losses[0]:.2f} -> {np.mean(sft_losses[-20:]):.2f})", t0)
+
+    # ---------------------------------------------------------------- a_1, a_2 ~ pi_ref
+    t = time.time()
+    samp = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_tokens=cfg.max_prompt_tokens, batch_size=64, seed=cfg.seed)
+    a_1, a_2 = aux_responses(model, tok, tr.prompt.tolist(), samp, cache / "aux", progress=cfg.progress)
+    tr = tr.assign(a_1=a_1, a_2=a_2)
+    timings["aux_s"] = time.time() - t
+    _log(f"aux responses ready ({np.mean([len(a) for a in a_1]):.0f} chars on average)", t0)
+
+    # ---------------------------------------------------------------- g (TF-IDF BT) and judge (MiniLM BT)
+    t = time.time()
+    gp, jp, ev = part["g"], part["judge"], part["eval"]
+    g_model = LinearPreferenceModel(TfidfFeatures(), seed=cfg.seed).fit(gp.prompt, gp.chosen, gp.rejected)
+    emb_cache = cache / "embeddings"
+    judge = LinearPreferenceModel(MiniLMFeatures(cache_dir=emb_cache, progress=cfg.progress), seed=cfg.seed)
+    judge.fit(jp.prompt, jp.chosen, jp.rejected)
+    quality = {
+        "g_features": g_model.features.name, "g_C": g_model.C, "g_cv_acc": g_model.cv_accuracy,
+        "g_eval_acc": g_model.accuracy(ev.prompt, ev.chosen, ev.rejected),
+        "judge_features": judge.features.name, "judge_C": judge.C, "judge_cv_acc": judge.cv_accuracy,
+        "judge_eval_acc": judge.accuracy(ev.prompt, ev.chosen, ev.rejected),
+    }
+    g_eval = g_model(ev.prompt, ev.chosen, ev.rejected)
+    j_eval = judge(ev.prompt, ev.chosen, ev.rejected)
+    quality["g_judge_agreement"] = float(np.mean((g_eval > 0.5) == (j_eval > 0.5)))
+    timings["g_judge_s"] = time.time() - t
+    _log("g: acc {g_eval_acc:.3f} on eval (cv {g_cv_acc:.3f}); judge: acc {judge_eval_acc:.3f} (cv {judge_cv_acc:.3f})"
+         .format(**quality), t0)
+
+    # ---------------------------------------------------------------- preference data + reference log-probs
+    t = time.time()
+    tr_text = tr.assign(chosen=sp(tr.chosen), rejected=sp(tr.rejected), a_1=sp(tr.a_1), a_2=sp(tr.a_2))
+    strip = lambda xs: [x[1:] for x in xs]  # noqa: E731  g and the judge read responses without the space
+    data = build_preference_data(tok, tr_text, cfg.max_prompt_tokens, cfg.max_response_tokens,
+                                 g_model=lambda p, a, b: g_model(p, strip(a), strip(b)))
+    ev_data = build_preference_data(tok, ev.assign(chosen=sp(ev.chosen), rejected=sp(ev.rejected)),
+                                    cfg.max_prompt_tokens, cfg.max_response_tokens)
+    ref_train = compute_ref_logps(model, data, 4, pad, batch_size=32, cache_path=cache / "ref_train.pt",
+                                  progress=cfg.progress, desc="ref log-probs (train)")
+    ref_eval = compute_ref_logps(model, ev_data, 2, pad, batch_size=32, cache_path=cache / "ref_eval.pt",
+                                 progress=cfg.progress, desc="ref log-probs (eval)")
+    timings["ref_logps_s"] = time.time() - t
+    g_stats = {"g_mean": float(data.g.mean()), "g_aux_mean": float(data.g_aux.mean()),
+               "g_sd": float(data.g.std()), "g_aux_sd": float(data.g_aux.std()),
+               "g_train_acc": float(np.mean(data.g > 0.5))}
+
+    # ---------------------------------------------------------------- gradient-variance probe at pi_ref
+    t = time.time()
+    probe_kw = dict(beta=cfg.beta, lam=cfg.lam, pad_id=pad, batch_size=cfg.probe_batch_size,
+                    n_pairs=cfg.probe_pairs, shared_prompt=cfg.shared_prompt, progress=cfg.progress)
+    probe = {"pi_ref": gradient_variance_probe(model, data, ref_train, seed=cfg.seed, desc="grad variance @ pi_ref",
+                                               **probe_kw)}
+    timings["probe_ref_s"] = time.time() - t
+
+    # ---------------------------------------------------------------- DPO and VRPO from the same start
+    # checkpoints of this exact configuration (a rerun with the same settings resumes or reuses them)
+    run_key = cfg.part_hash(*[f for f in resolved if f not in ("progress", "fig_dir", "results_dir", "cache_dir")])
+    policies, train_hist = {}, {}
+    pi_ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for method, lam in (("dpo", 0.0), ("vrpo", cfg.lam)):
+        t = time.time()
+        pol = tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=model.config.n_positions,
+                        eos_token_id=tok.eos_token_id, seed=cfg.seed)
+        pol.load_state_dict(pi_ref_state)
+        tcfg = TrainerConfig(lam=lam, beta=cfg.beta, g_source="columns", lr=cfg.lr, batch_size=cfg.batch_size,
+                             grad_accum=cfg.grad_accum, max_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                             shared_prompt=cfg.shared_prompt, precision=cfg.precision, seed=cfg.seed,
+                             checkpoint_every=cfg.checkpoint_every, out_dir=str(res / f"{method}-{run_key}"), progress=cfg.progress)
+        trainer = VRPOTrainer(pol, data, tcfg, pad_id=pad, ref_logps=ref_train, extra_config={"demo": resolved})
+        train_hist[method] = trainer.train()
+        policies[method] = pol.eval()
+        timings[f"train_{method}_s"] = time.time() - t
+        _log(f"{method}: {cfg.steps} steps, last loss {train_hist[method][-1]['loss']:.4f}", t0)
+
+    t = time.time()
+    probe["dpo_trained"] = gradient_variance_probe(policies["dpo"], data, ref_train, seed=cfg.seed + 1,
+                                                   desc="grad variance @ DPO", **probe_kw)
+    timings["probe_dpo_s"] = time.time() - t
+    for k, p in probe.items():
+        _log(f"gradient variance @ {k}: VRPO/DPO = {p['ratio']:.3f} [{p['ratio_lo']:.3f}, {p['ratio_hi']:.3f}]", t0)
+
+    # ---------------------------------------------------------------- held-out implicit-reward accuracy
+    t = time.time()
+    acc = {m: implicit_reward_accuracy(p, ev_data, ref_eval, cfg.beta, pad) for m, p in policies.items()}
+    diff = acc["vrpo"]["correct"] - acc["dpo"]["correct"]
+    from .policy_eval import mean_ci
+
+    acc_diff = mean_ci(diff)
+    for m in acc:
+        acc[m].pop("correct")
+
+    # ---------------------------------------------------------------- judged generations
+    gen_prompts = ev.prompt.tolist()[: cfg.n_gen_prompts]
+    gen_cfg = dataclasses.replace(samp, seed=cfg.seed + 7)
+    gens = {}
+    for name, pol in (("pi_ref", model), ("dpo", policies["dpo"]), ("vrpo", policies["vrpo"])):
+        gens[name] = sample_responses(pol, tok, gen_prompts, cfg.gen_samples, gen_cfg, progress=cfg.progress,
+                                      desc=f"generate {name}")
+    rewards = {}
+    for name, g in gens.items():
+        flat_p = [p for p in gen_prompts for _ in range(cfg.gen_samples)]
+        flat_r = [r for rs in g for r in rs]
+        rewards[name] = judge.reward(flat_p, flat_r).reshape(len(gen_prompts), cfg.gen_samples)
+    wins = {
+        "vrpo_vs_dpo": win_rate(rewards["vrpo"], rewards["dpo"]),
+        "vrpo_vs_pi_ref": win_rate(rewards["vrpo"], rewards["pi_ref"]),
+        "dpo_vs_pi_ref": win_rate(rewards["dpo"], rewards["pi_ref"]),
+    }
+    gen_len = {k: float(np.mean([len(r) for rs in v for r in rs])) for k, v in gens.items()}
+    timings["eval_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    timings["total_cpu_s"] = time.process_time() - c0  # all threads of this process
+    timings["load_avg_1_5_15"] = list(os.getloadavg())
+    _log("accuracy DPO {:.3f}, VRPO {:.3f}; win VRPO>DPO {:.3f} [{:.3f}, {:.3f}]".format(
+        acc["dpo"]["mean"], acc["vrpo"]["mean"], wins["vrpo_vs_dpo"]["mean"], wins["vrpo_vs_dpo"]["lo"],
+        wins["vrpo_vs_dpo"]["hi"]), t0)
+
+    results = {
+        "config": resolved,
+        "data": {"n_pairs": len(df), "skipped_lines": report.n_skipped if report else None,
+                 "splits": {k: len(v) for k, v in part.items()}},
+        "model": {"params": int(sum(p.numel() for p in model.parameters())), "vocab": len(tok),
+                  "sft_first_loss": sft_losses[0], "sft_last_loss": float(np.mean(sft_losses[-20:]))},
+        "g_and_judge": {**quality, **g_stats},
+        "implicit_reward_accuracy": {**acc, "vrpo_minus_dpo": acc_diff},
+        "win_rates": wins,
+        "gen_mean_chars": gen_len,
+        "gradient_variance": probe,
+        "train_history": train_hist,
+        "examples": [{"prompt": gen_prompts[i][-300:], **{k: gens[k][i][0] for k in gens}} for i in range(3)],
+        "timings_s": timings,
+    }
+    res.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(res / "results.json", json.dumps(results, indent=1))
+    from .policy_report import write_report
+
+    write_report(results, Path(cfg.fig_dir))
+    _log(f"done in {timings['total_s']:.0f}s; results in {res / 'results.json'}", t0)
+    return results
