@@ -1,0 +1,154 @@
+"""Theory vs simulation (METHOD.md sections 3-4): one row per scenario x method x g x n.
+
+For each cell of a Monte Carlo sweep this puts side by side
+
+- ``n tr Cov(theta_hat)`` (simulated, with MC SE) and ``tr V`` (theory, with its
+  context-sample jackknife SE),
+- ``n E[regret]`` and ``tr(G V) / (2 beta)``,
+- the VR/MLE ratios of both (simulated: paired over common replications, delta-method
+  SE; predicted: jackknife SE),
+- CI coverage (nominal ``1 - alpha``), and the fitted vs optimal ``lam``,
+
+and flags each comparison whose difference exceeds ``Z_FLAG`` combined standard errors.
+
+The theory is evaluated at the simulation's own ``theta*`` (stored in the results
+file), and ``G`` on the simulation's evaluation contexts, so the simulated regret and
+its theory line average over the same contexts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sim.bandit import Bandit
+from sim.config import ExperimentConfig
+from sim.summary import summarize, theta_cols
+
+from .theory import PopulationTheory, policy_G, theory_cached
+
+__all__ = ["Z_FLAG", "eval_contexts", "sweep_theories", "compare_table", "paired_ratio", "agreement_summary"]
+
+Z_FLAG = 3.0
+
+
+def eval_contexts(cfg: ExperimentConfig, scenario: str):
+    """The runner's evaluation contexts of ``scenario`` (same generator as ``sim.runner.populations``).
+
+    ``sim.runner`` draws ``n_pop`` contexts for ``theta*`` and then ``n_eval`` for
+    evaluation from one generator; we redraw both (cheap) and keep the second.
+    """
+    from sim.runner import _STREAM_POP, _crc  # see /tmp/patches: a public population_rng() would be cleaner
+
+    bandit = Bandit(cfg.bandit_spec)
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_crc(scenario), _STREAM_POP)))
+    bandit.sample_contexts(rng, cfg.n_pop)
+    return bandit.sample_contexts(rng, cfg.n_eval)
+
+
+def sweep_theories(cfg: ExperimentConfig, meta: dict, *, n_ctx: int = 20000, n_batches: int = 20,
+                   cache_dir=None) -> tuple[dict, dict]:
+    """Theory for every scenario x g of a sweep, at the sweep's ``theta*``.
+
+    Returns ``({(scenario, g): PopulationTheory}, {scenario: G_eval})``; ``G_eval`` is
+    ``G`` on the runner's evaluation contexts (what the simulated regret averages over).
+    """
+    gs = list(cfg.g) or ["oracle"]
+    theories, G_eval = {}, {}
+    for s in cfg.scenarios:
+        th = np.asarray(meta["theta_star"][s])
+        se = np.asarray(meta["theta_star_se"][s])
+        res = theory_cached(cfg.bandit_spec, s, gs, cfg.M, cfg.aux_prompts, n_ctx, n_batches, cache_dir=cache_dir,
+                            theta_star=(th, se))
+        for g, t in res.items():
+            theories[(s, g)] = t
+        ev = eval_contexts(cfg, s)
+        G_eval[s] = policy_G(th, ev.phi, ev.log_pi_ref, cfg.beta)
+    return theories, G_eval
+
+
+def paired_ratio(num, den) -> tuple[float, float]:
+    """``mean(num) / mean(den)`` over paired replications and its delta-method SE."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    R = len(num)
+    if R < 3:
+        return np.nan, np.nan
+    a, b = num.mean(), den.mean()
+    C = np.cov(np.stack([num, den]), ddof=1)
+    var = (C[0, 0] / b**2 - 2 * a * C[0, 1] / b**3 + a**2 * C[1, 1] / b**4) / R
+    return float(a / b), float(np.sqrt(max(var, 0.0)))
+
+
+def _sqdev(theta):
+    R = theta.shape[0]
+    return np.sum((theta - theta.mean(axis=0)) ** 2, axis=-1) * R / (R - 1)
+
+
+def _z(a, sa, b, sb):
+    s = np.sqrt(np.nan_to_num(sa) ** 2 + np.nan_to_num(sb) ** 2)
+    return (a - b) / s if s > 0 else np.nan
+
+
+def compare_table(df: pd.DataFrame, cfg: ExperimentConfig, theories: dict, G_eval: dict) -> pd.DataFrame:
+    """The theory-vs-simulation table of one sweep (module docstring); one row per cell.
+
+    Columns ``*_sim``/``*_sim_se`` (Monte Carlo), ``*_th``/``*_th_se`` (theory),
+    ``z_*`` (difference in combined SEs) and ``flag_*`` (``|z| > Z_FLAG``).
+    """
+    summ = summarize(df)
+    tc = theta_cols(df)
+    rows = []
+    for r in summ.itertuples(index=False):
+        s, g, method, n = r.scenario, r.g, r.method, int(r.n)
+        t: PopulationTheory = theories.get((s, g)) or next(v for (ss, _), v in theories.items() if ss == s)
+        lam = t.lam(method)
+        G = G_eval.get(s, t.G)
+        row = {"scenario": s, "kappa": r.kappa, "g": g, "method": method, "n": n, "M": cfg.M,
+               "aux_prompts": cfg.aux_prompts, "reps": r.reps, "nonconverged": r.nonconverged}
+        row.update(ntrcov_sim=r.ntrcov, ntrcov_sim_se=r.ntrcov_se, trV_th=t.trV(lam), trV_th_se=t.trV_se(method))
+        row["z_cov"] = _z(row["ntrcov_sim"], row["ntrcov_sim_se"], row["trV_th"], row["trV_th_se"])
+        row.update(nregret_sim=n * r.regret, nregret_sim_se=n * r.regret_se,
+                   regret_const_th=float(np.trace(G @ t.V(lam)) / (2 * cfg.beta)),
+                   regret_const_th_se=t.regret_const_se(method))
+        row["z_regret"] = _z(row["nregret_sim"], row["nregret_sim_se"], row["regret_const_th"], row["regret_const_th_se"])
+        row.update(coverage_sim=r.cover_frac, coverage_sim_se=r.cover_frac_se, coverage_nominal=1 - cfg.alpha)
+        row["z_coverage"] = _z(r.cover_frac, r.cover_frac_se, 1 - cfg.alpha, 0.0)
+        row.update(lam_sim=r.lam, lam_sim_se=r.lam_se, lam_th=lam)
+        # paired VR/MLE ratios over replications where both fits converged
+        if method != "mle" and "mle" in set(summ.method):
+            cell = df[(df.scenario == s) & (df.n == n)]
+            a = cell[(cell.g == g) & (cell.method == method)].set_index("rep")
+            b = cell[cell.method == "mle"].set_index("rep")
+            ok = a.index.intersection(b.index)
+            ok = ok[a.loc[ok, "converged"].to_numpy(bool) & b.loc[ok, "converged"].to_numpy(bool)]
+            a, b = a.loc[ok], b.loc[ok]
+            row["var_ratio_sim"], row["var_ratio_sim_se"] = paired_ratio(_sqdev(a[tc].to_numpy()), _sqdev(b[tc].to_numpy()))
+            row["regret_ratio_sim"], row["regret_ratio_sim_se"] = paired_ratio(a["regret"], b["regret"])
+            G0 = float(np.trace(G @ t.V(0.0)))
+            row.update(var_ratio_th=t.trV(lam) / t.trV(0.0), var_ratio_th_se=t.ratio_se(method, "trV"),
+                       regret_ratio_th=float(np.trace(G @ t.V(lam))) / G0, regret_ratio_th_se=t.ratio_se(method, "G"))
+            row["z_var_ratio"] = _z(row["var_ratio_sim"], row["var_ratio_sim_se"], row["var_ratio_th"],
+                                    row["var_ratio_th_se"])
+            row["z_regret_ratio"] = _z(row["regret_ratio_sim"], row["regret_ratio_sim_se"], row["regret_ratio_th"],
+                                       row["regret_ratio_th_se"])
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    for z in [c for c in out.columns if c.startswith("z_")]:
+        out["flag_" + z[2:]] = out[z].abs() > Z_FLAG
+    return out
+
+
+CHECKS = ("cov", "regret", "var_ratio", "regret_ratio", "coverage")
+
+
+def agreement_summary(table: pd.DataFrame, n_min: int = 1000) -> pd.DataFrame:
+    """Per check: cells at ``n >= n_min`` compared, how many within ``Z_FLAG`` SEs, and the share."""
+    sub = table[table["n"] >= n_min]
+    rows = []
+    for c in CHECKS:
+        if f"z_{c}" not in sub:
+            continue
+        z = sub[f"z_{c}"].dropna()
+        within = int((z.abs() <= Z_FLAG).sum())
+        rows.append({"check": c, "cells": len(z), "within": within, "share": within / len(z) if len(z) else np.nan})
+    return pd.DataFrame(rows)

@@ -1,0 +1,478 @@
+"""The paper figure set F1-F6 (issue 3), regenerated from cached Monte Carlo sweeps.
+
+:func:`figure_sweeps` defines the sweeps (one :class:`~sim.config.ExperimentConfig`
+each, seed 0), :func:`build_figure_set` runs or reads them, computes the population
+theory (:mod:`analysis.theory`) and the theory-vs-simulation tables
+(:mod:`analysis.compare`), draws every figure (PNG + PDF) and returns everything
+:mod:`analysis.report` needs. Results are cached under ``<out_dir>/cache``: the
+sweeps' parquet files (each carries its resolved configuration) and the theory JSON.
+
+Figures (each function returns the written paths and a caption):
+
+- F1 :func:`fig_regret_vs_n` regret vs n with ``tr(G V) / (2 beta n)`` lines;
+- F2 :func:`fig_ratio_vs_kappa` VR/MLE variance ratio vs kappa, one panel per scenario;
+- F3 :func:`fig_g_quality` quality of ``g`` for ``lam = 1`` and power-tuned ``lam``;
+- F4 :func:`fig_M_effect` number of extra pairs M, same vs fresh prompts;
+- F5 :func:`fig_win_rate` win rates under ``p*`` vs n;
+- F6 :func:`fig_coverage` 95% Wald interval coverage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.config import ExperimentConfig
+from sim.summary import summarize
+
+from .compare import compare_table, sweep_theories
+from .plots import method_style, plot_regret_vs_n, save_figure
+
+__all__ = ["figure_sweeps", "load_or_run", "build_figure_set", "FigureSet", "KAPPA_GRID", "G_LADDER", "M_GRID"]
+
+# Misspecification strengths per scenario (kappa = 0 is BT for all of them).
+KAPPA_GRID = {
+    "probit": (0.25, 0.5, 1.0),
+    "heavy-tail": (0.25, 0.5, 1.0),
+    "mixture": (0.5, 1.0, 1.5, 2.0),
+    "flip": (0.05, 0.1, 0.2, 0.3),
+    "hetero": (0.5, 1.0, 1.5),
+    "intransitive": (0.25, 0.5, 1.0),
+    "nonlinear": (0.25, 0.5, 1.0),
+    "position": (0.5, 1.0, 2.0),
+    "ties": (0.5, 1.0, 2.0),
+}
+# Auxiliary models from best to worst (F3).
+G_LADDER = ("oracle", "noisy:0.5", "noisy:1.0", "noisy:2.0", "noisy:4.0", "biased:30", "biased:60", "constant",
+            "self", "learned:5")
+M_GRID = (1, 2, 4, 8, 16)
+MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F4, F5
+
+
+def figure_sweeps(smoke: bool = False, cache_dir="paper_figures/cache", n_jobs: int = 2,
+                  progress: bool = True) -> dict[str, ExperimentConfig]:
+    """The sweeps behind the figure set, keyed by name (``smoke``: seconds-long versions)."""
+    cache_dir = Path(cache_dir)
+    base = ExperimentConfig(seed=0, n_jobs=n_jobs, progress=progress, chunk_size=50)
+    kappa_scen = tuple(f"{s}:{k:g}" for s, ks in KAPPA_GRID.items() for k in ks)
+    if smoke:
+        base = base.replace(n_pop=2000, n_eval=200, chunk_size=25, n_jobs=1)
+        kappa_scen = ("mixture:1", "flip:0.2")
+    main_n = (250, 500, 1000, 2000, 4000) if not smoke else (200, 400)
+    cfgs = {
+        "main": base.replace(name="main", scenarios=("bt", MISSPEC), n=main_n, g=("oracle",),
+                             methods=("mle", "vr", "vr-auto"), reps=400 if not smoke else 30),
+        "kappa": base.replace(name="kappa", scenarios=kappa_scen, n=(1000,) if not smoke else (300,), g=("oracle",),
+                              methods=("mle", "vr"), reps=200 if not smoke else 30),
+        "gquality": base.replace(name="gquality", scenarios=(MISSPEC,), n=(1000,) if not smoke else (300,),
+                                 g=G_LADDER if not smoke else ("oracle", "noisy:2.0", "biased:60", "constant", "self"),
+                                 methods=("mle", "vr", "vr-auto"), reps=300 if not smoke else 30),
+        "reference": base.replace(name="reference", scenarios=(MISSPEC,), scale=10.0, n=(1000,) if not smoke else (300,),
+                                  g=("oracle",), methods=("mle", "vr"), reps=400 if not smoke else 30),
+    }
+    for M in (M_GRID if not smoke else (1, 4)):
+        for prompts in ("same", "fresh"):
+            nm = f"M{M}-{prompts}"
+            cfgs[nm] = base.replace(name=nm, scenarios=(MISSPEC,), n=(1000,) if not smoke else (300,), g=("oracle",),
+                                    M=M, aux_prompts=prompts, methods=("mle", "vr", "vr-auto"),
+                                    reps=200 if not smoke else 30)
+    return {k: v.replace(output=str(cache_dir / f"{k}.parquet")) for k, v in cfgs.items()}
+
+
+def load_or_run(cfg: ExperimentConfig, fresh: bool = False) -> tuple[pd.DataFrame, dict, bool]:
+    """Read ``cfg.output`` if it holds this configuration's results, else run the sweep.
+
+    Returns ``(df, meta, from_cache)``. A file whose embedded configuration differs
+    (in any result-changing field) is recomputed, resuming from its cached cells.
+    """
+    from sim.runner import read_results, run_experiment
+
+    out = Path(cfg.output)
+    if out.exists() and not fresh:
+        df, meta = read_results(out)
+        old = meta.get("config", {})
+        if ExperimentConfig.from_dict(old).identity() == cfg.identity():
+            return df, meta, True
+    run_experiment(cfg, resume=not fresh)
+    df, meta = read_results(out)
+    return df, meta, False
+
+
+@dataclass
+class FigureSet:
+    """Everything the report needs: configs, summaries, comparison tables, figures, timings."""
+
+    out_dir: Path
+    smoke: bool
+    configs: dict
+    metas: dict
+    summaries: dict
+    tables: dict
+    theories: dict
+    figures: list = field(default_factory=list)  # dicts: id, title, paths, caption, sweeps
+    timings: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    @property
+    def compare(self) -> pd.DataFrame:
+        return pd.concat([t.assign(sweep=k) for k, t in self.tables.items()], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _style():
+    import seaborn as sns
+
+    return sns.axes_style("whitegrid")
+
+
+def _reps_text(summ) -> str:
+    lo, hi = int(summ["reps"].min()), int(summ["reps"].max())
+    return f"{hi}" if lo == hi else f"{lo}-{hi}"
+
+
+def _err(v):
+    return 1.96 * np.asarray(v, float)
+
+
+# --------------------------------------------------------------------------- F1
+
+
+def fig_regret_vs_n(fs: FigureSet, formats):
+    tab, summ = fs.tables["main"], fs.summaries["main"]
+    theory = tab.groupby(["scenario", "g", "method"], as_index=False)["regret_const_th"].first()
+    theory = theory.rename(columns={"regret_const_th": "regret_const"})
+    paths = plot_regret_vs_n(summ, fs.out_dir / "F1_regret_vs_n", formats=formats, theory=theory)
+    cfg = fs.configs["main"]
+    cap = (f"Regret under the projected reward r* = theta*.phi vs the number of labelled pairs n (log-log), BT-MLE, VR "
+           f"(lam = 1) and VR-auto with the oracle g, in the well-specified `bt` scenario and the misspecified "
+           f"`{MISSPEC}` scenario. Points: mean over {_reps_text(summ)} replications with 95% Monte Carlo intervals; "
+           f"dashed lines: the asymptotic theory tr(G V)/(2 beta n). Sweep `main` (seed {cfg.seed}, scale {cfg.scale:g}, "
+           f"d = {cfg.d}, K = {cfg.K}, M = {cfg.M}).")
+    return paths, cap
+
+
+# --------------------------------------------------------------------------- F2
+
+
+def fig_ratio_vs_kappa(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    tab = fs.tables["kappa"]
+    tab = tab[tab["method"] == "vr"].copy()
+    tab["family"] = tab["scenario"].str.split(":").str[0]
+    fams = list(dict.fromkeys(tab["family"]))
+    ncol = min(3, len(fams))
+    nrow = int(np.ceil(len(fams) / ncol))
+    with _style():
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False, sharey=True)
+        for ax, fam in zip(axes.flat, fams):
+            sub = tab[tab["family"] == fam].sort_values("kappa")
+            k = np.concatenate([[0.0], sub["kappa"].to_numpy()])
+            th = np.concatenate([[1.0], sub["var_ratio_th"].to_numpy()])  # kappa = 0 is BT: ratio exactly 1
+            ax.plot(k, th, "-", color="#1f77b4", lw=1.5, label="theory tr V_VR / tr V_MLE")
+            ax.errorbar(sub["kappa"], sub["var_ratio_sim"], yerr=_err(sub["var_ratio_sim_se"]), fmt="s",
+                        color="#1f77b4", mfc="white", capsize=3, ms=5, label="simulated n tr Cov ratio")
+            ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
+            ax.set_title(fam, fontsize=10)
+            ax.set_xlabel("misspecification strength kappa")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("variance ratio VR / MLE")
+        for ax in list(axes.flat)[len(fams):]:
+            ax.set_visible(False)
+        axes[0, 0].legend(fontsize=7, loc="lower left")
+        n = int(tab["n"].iloc[0])
+        fig.suptitle(f"VR (lam = 1, oracle g, M = {fs.configs['kappa'].M}) / BT-MLE variance, n = {n}", fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F2_variance_ratio_vs_kappa", formats)
+    summ = fs.summaries["kappa"]
+    cap = ("Variance ratio tr Cov(VR) / tr Cov(MLE) against the misspecification strength kappa, one panel per scenario "
+           "of the zoo (kappa = 0 is Bradley-Terry, where the ratio is exactly 1). Squares: simulated ratio of n tr Cov "
+           f"over {_reps_text(summ)} paired replications at n = {int(tab['n'].iloc[0])}, 95% delta-method intervals; "
+           "lines: the predicted ratio tr V_VR / tr V_MLE. The kappa scales differ between scenarios (see METHOD.md s5). "
+           f"Sweep `kappa` (seed {fs.configs['kappa'].seed}, oracle g, M = {fs.configs['kappa'].M}, same prompts).")
+    return paths, cap
+
+
+# --------------------------------------------------------------------------- F3
+
+
+def fig_g_quality(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    tab = fs.tables["gquality"]
+    gs = [g for g in G_LADDER if g in set(tab["g"])] + [g for g in dict.fromkeys(tab["g"]) if g not in G_LADDER + ("none",)]
+    x = np.arange(len(gs))
+    with _style():
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8.5, 0.85 * len(gs) + 4), 6.4), sharex=True,
+                                      gridspec_kw=dict(height_ratios=[2, 1]))
+        for j, method in enumerate(["vr", "vr-auto"]):
+            st = method_style(method)
+            sub = tab[tab["method"] == method].set_index("g").reindex(gs)
+            off = (j - 0.5) * 0.22
+            ax.errorbar(x + off, sub["var_ratio_sim"], yerr=_err(sub["var_ratio_sim_se"]), fmt=st["marker"],
+                        color=st["color"], capsize=3, ms=6, label=f"{st['label']}: simulated")
+            ax.scatter(x + off, sub["var_ratio_th"], marker="_", s=300, color=st["color"], lw=2,
+                       label=f"{st['label']}: theory", zorder=3)
+            for xi, nc in zip(x + off, sub["nonconverged"]):
+                if nc > 0:
+                    ax.annotate(f"{int(nc)} n.c.", (xi, 1.0), fontsize=6, rotation=90, ha="center", va="bottom",
+                                color=st["color"])
+            ax2.errorbar(x + off, sub["lam_sim"], yerr=_err(sub["lam_sim_se"]), fmt=st["marker"], color=st["color"],
+                         capsize=3, ms=5, label=f"{st['label']}: mean lam used")
+        auto = tab[tab["method"] == "vr-auto"].set_index("g").reindex(gs)
+        ax2.scatter(x + 0.11, auto["lam_th"], marker="_", s=300, color="#d62728", lw=2, label="optimal lam (theory)")
+        ax.axhline(1.0, color="#444444", lw=1, ls=":", label="BT-MLE")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_ylabel("variance ratio VR / MLE (log)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax2.set_ylabel("lam")
+        ax2.set_ylim(-0.05, 1.1)
+        ax2.set_xticks(x, gs, rotation=30, ha="right")
+        ax2.set_xlabel("auxiliary model g (best to worst; self and learned last)")
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        cfg = fs.configs["gquality"]
+        fig.suptitle(f"Quality of g: {MISSPEC}, n = {cfg.n[0]}, M = {cfg.M}", fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F3_g_quality", formats)
+    summ = fs.summaries["gquality"]
+    cap = (f"Quality of the auxiliary model g in `{MISSPEC}` (n = {cfg.n[0]}, M = {cfg.M}): top, variance ratio "
+           "n tr Cov(VR) / n tr Cov(MLE) for lam = 1 (blue) and the power-tuned lam (red), simulated over "
+           f"{_reps_text(summ)} paired replications (95% intervals) with the predicted ratio as a bar; values above 1 "
+           "mean VR is worse than the MLE. 'n.c.' counts fits flagged as not converged (unbounded VR objective), "
+           "excluded. Bottom: the lam actually used (1, or the mean data-tuned value) and the population optimum "
+           f"clipped to [0, 1]. Sweep `gquality` (seed {cfg.seed}).")
+    return paths, cap
+
+
+# --------------------------------------------------------------------------- F4
+
+
+def fig_M_effect(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    rows = [t.assign(sweep=k) for k, t in fs.tables.items() if k.startswith("M")]
+    tab = pd.concat(rows, ignore_index=True)
+    tab = tab[tab["method"] != "mle"]
+    with _style():
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+        for ax, method in zip(axes, ["vr", "vr-auto"]):
+            st = method_style(method)
+            for prompts, ls, mfc in (("same", "-", None), ("fresh", "--", "white")):
+                sub = tab[(tab["method"] == method) & (tab["aux_prompts"] == prompts)].sort_values("M")
+                ax.plot(sub["M"], sub["var_ratio_th"], ls=ls, color=st["color"], lw=1.5,
+                        label=f"{prompts} prompts: theory")
+                ax.errorbar(sub["M"], sub["var_ratio_sim"], yerr=_err(sub["var_ratio_sim_se"]), fmt=st["marker"],
+                            color=st["color"], mfc=mfc or st["color"], capsize=3, ms=6, ls="none",
+                            label=f"{prompts} prompts: simulated")
+            ax.axhline(1.0, color="#444444", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(M_GRID if len(set(tab["M"])) > 2 else sorted(set(tab["M"])))
+            ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+            ax.set_xlabel("extra pairs per labelled prompt, M")
+            ax.set_title(st["label"], fontsize=10)
+        axes[0].set_ylabel("variance ratio VR / MLE")
+        axes[0].legend(fontsize=7)
+        n = int(tab["n"].iloc[0])
+        fig.suptitle(f"Effect of M and of fresh prompts ({MISSPEC}, oracle g, n = {n})", fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F4_M_and_fresh_prompts", formats)
+    reps = int(tab["reps"].max())
+    cap = (f"Variance ratio VR / MLE against the number M of extra pairs per labelled prompt in `{MISSPEC}` with the "
+           "oracle g: extra pairs sharing the labelled prompt (solid, filled) or drawn on fresh prompts (N = M n, "
+           "dashed, open). Lines: theory; points: simulated ratio of n tr Cov over "
+           f"up to {reps} paired replications, 95% intervals. With shared prompts only the within-prompt part "
+           "(1 - 1/M) E_x Var(m|x) of the misspecification variance is removed, so the gain saturates as M grows; "
+           "fresh prompts also remove the between-prompt term Var_x E[m|x], up to the factor 1/M. Sweeps `M<M>-same` and `M<M>-fresh` (seed 0).")
+    return paths, cap
+
+
+# --------------------------------------------------------------------------- F5
+
+
+def fig_win_rate(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    summ = fs.summaries["main"]
+    scen = list(dict.fromkeys(summ["scenario"]))
+    with _style():
+        fig, axes = plt.subplots(2, len(scen), figsize=(4.6 * len(scen), 6.2), squeeze=False, sharex=True)
+        for j, s in enumerate(scen):
+            sub = summ[summ["scenario"] == s]
+            ax = axes[0, j]
+            for method in ["vr", "vr-auto"]:
+                st = method_style(method)
+                g = sub[sub["method"] == method].sort_values("n")
+                ax.errorbar(g["n"], g["win_mle"] - 0.5, yerr=_err(g["win_mle_se"]), capsize=3, ms=5, **st)
+            ax.axhline(0.0, color="#444444", lw=0.8, ls=":")
+            ax.set_title(f"{s}: VR policy vs MLE policy", fontsize=10)
+            ax.set_ylabel("win rate - 1/2 under p*")
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+            ax = axes[1, j]
+            for method in ["mle", "vr", "vr-auto"]:
+                st = method_style(method)
+                g = sub[sub["method"] == method].sort_values("n")
+                ax.errorbar(g["n"], g["win_ref"], yerr=_err(g["win_ref_se"]), capsize=3, ms=5, **st)
+            opt = fs.data.get("win_star", {}).get(s)
+            if opt is not None:
+                ax.axhline(opt, color="#2ca02c", lw=1, ls="--", label="pi_theta* (n = infinity)")
+            ax.set_title(f"{s}: each policy vs pi_ref", fontsize=10)
+            ax.set_ylabel("win rate over pi_ref under p*")
+            ax.set_xlabel("labelled pairs n")
+            ax.set_xscale("log")
+            ns = sorted(set(sub["n"]))
+            ax.set_xticks(ns, [str(int(v)) for v in ns])
+            ax.minorticks_off()
+        axes[0, 0].legend(fontsize=7)
+        axes[1, 0].legend(fontsize=7)
+        fig.suptitle("Win rates under the true preference p* (95% MC intervals)", fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F5_win_rate", formats)
+    cap = ("Top: win rate of the VR policy over the BT-MLE policy, E_x sum_ab pi_VR(a|x) pi_MLE(b|x) p*(x,a,b), minus "
+           "1/2, vs n (oracle g). Bottom: win rate of each KL-regularised policy (beta = 1) over pi_ref, with the "
+           "limit pi_theta* as a dashed line. Means over "
+           f"{_reps_text(summ)} replications with 95% intervals; the evaluation set is {fs.configs['main'].n_eval} "
+           "fixed contexts per scenario. Sweep `main`.")
+    return paths, cap
+
+
+# --------------------------------------------------------------------------- F6
+
+
+def fig_coverage(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    summ = fs.summaries["main"]
+    scen = list(dict.fromkeys(summ["scenario"]))
+    alpha = fs.configs["main"].alpha
+    with _style():
+        fig, axes = plt.subplots(1, len(scen), figsize=(4.6 * len(scen), 3.6), squeeze=False, sharey=True)
+        for ax, s in zip(axes[0], scen):
+            sub = summ[summ["scenario"] == s]
+            for j, method in enumerate(["mle", "vr", "vr-auto"]):
+                st = method_style(method)
+                g = sub[sub["method"] == method].sort_values("n")
+                ax.errorbar(g["n"] * (1 + 0.04 * (j - 1)), g["cover_frac"], yerr=_err(g["cover_frac_se"]), capsize=3,
+                            ms=5, **st)
+            ax.axhline(1 - alpha, color="#444444", lw=1, ls=":", label=f"nominal {1 - alpha:.0%}")
+            ax.set_xscale("log")
+            ns = sorted(set(sub["n"]))
+            ax.set_xticks(ns, [str(int(v)) for v in ns])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled pairs n")
+            ax.set_title(s, fontsize=10)
+        axes[0, 0].set_ylabel("coverage of theta* (mean over coordinates)")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"{1 - alpha:.0%} Wald interval coverage (sandwich, clustered by prompt)", fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F6_coverage", formats)
+    cap = (f"Coverage of the {1 - alpha:.0%} Wald intervals theta_hat_j +- z se_j for the coordinates of theta* (share "
+           f"of the d = {fs.configs['main'].d} coordinates covered, averaged over {_reps_text(summ)} replications; 95% "
+           "MC intervals), BT-MLE, VR and VR-auto with the oracle g. The full table, including the `kappa` sweep, is "
+           "in the report. Sweep `main`.")
+    return paths, cap
+
+
+FIGURES = [
+    ("F1", "Regret vs n", fig_regret_vs_n, ("main",)),
+    ("F2", "Variance ratio vs misspecification strength", fig_ratio_vs_kappa, ("kappa",)),
+    ("F3", "Quality of the auxiliary model g", fig_g_quality, ("gquality",)),
+    ("F4", "Extra pairs M and fresh prompts", fig_M_effect, ("M*",)),
+    ("F5", "Win rates under p*", fig_win_rate, ("main",)),
+    ("F6", "Interval coverage", fig_coverage, ("main",)),
+]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _win_star(cfg: ExperimentConfig, meta: dict) -> dict:
+    """Win rate of ``pi_theta*`` over ``pi_ref`` on the runner's evaluation contexts (F5's limit line)."""
+    from sim.bandit import Bandit
+    from sim.policy import log_policy_linear, win_rate
+    from sim.scenarios import make_scenario
+
+    from .compare import eval_contexts
+
+    out = {}
+    for s in cfg.scenarios:
+        ev = eval_contexts(cfg, s)
+        scen = make_scenario(s, Bandit(cfg.bandit_spec))
+        P = scen.p_star(ev.x[:, None, None, :], ev.phi[:, :, None, :], ev.phi[:, None, :, :])
+        lp = log_policy_linear(np.asarray(meta["theta_star"][s])[None], ev.phi, ev.log_pi_ref, cfg.beta)[0]
+        out[s] = float(win_rate(lp, ev.log_pi_ref, P))
+    return out
+
+
+def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: int = 2, formats=("png", "pdf"),
+                     progress: bool = True, fresh: bool = False, n_ctx: int | None = None,
+                     only: tuple[str, ...] | None = None) -> FigureSet:
+    """Run (or read) every sweep, compute the theory and the comparison tables, draw F1-F6.
+
+    ``n_ctx``: contexts of the theory's sample (default 20000; 2000 for ``smoke``).
+    ``only``: restrict to these figure ids (their sweeps only).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    cache = out_dir / "cache"
+    n_ctx = n_ctx or (2000 if smoke else 20000)
+    cfgs = figure_sweeps(smoke, cache, n_jobs, progress)
+    figs = [f for f in FIGURES if only is None or f[0] in only]
+    need = set()
+    for _, _, _, sw in figs:
+        for s in sw:
+            need |= {k for k in cfgs if (k == s or (s.endswith("*") and k.startswith(s[:-1])))}
+    if only is None:
+        need = set(cfgs)
+    cfgs = {k: v for k, v in cfgs.items() if k in need}
+    fs = FigureSet(out_dir=out_dir, smoke=smoke, configs=cfgs, metas={}, summaries={}, tables={}, theories={})
+    t0 = time.time()
+    cached = []
+    for name, cfg in cfgs.items():
+        ts = time.time()
+        df, meta, hit = load_or_run(cfg, fresh=fresh)
+        cached.append(hit)
+        fs.timings[f"sweep:{name}"] = time.time() - ts
+        fs.metas[name] = meta
+        fs.summaries[name] = summarize(df)
+        ts = time.time()
+        th, G_eval = sweep_theories(cfg, meta, n_ctx=n_ctx, n_batches=20, cache_dir=cache / "theory")
+        fs.theories[name] = th
+        fs.tables[name] = compare_table(df, cfg, th, G_eval)
+        fs.timings[f"theory:{name}"] = time.time() - ts
+        if name == "gquality":
+            fs.data["self_maxdiff"] = _self_maxdiff(df)
+        if name == "main":
+            fs.data["win_star"] = _win_star(cfg, meta)
+    fs.timings["sweeps_and_theory"] = time.time() - t0
+    fs.data["all_cached"] = all(cached)
+    ts = time.time()
+    for fid, title, fn, sweeps in tqdm(figs, desc="figures", disable=not progress):
+        paths, cap = fn(fs, formats)
+        fs.figures.append({"id": fid, "title": title, "paths": paths, "caption": cap, "sweeps": sweeps})
+    fs.timings["figures"] = time.time() - ts
+    fs.timings["total"] = time.time() - t0
+    return fs
+
+
+def _self_maxdiff(df: pd.DataFrame) -> float | None:
+    """``max |theta_VR(self g) - theta_MLE|`` over replications and coordinates (0 up to solver tolerance)."""
+    from sim.summary import theta_cols
+
+    tc = theta_cols(df)
+    a = df[(df["g"] == "self") & (df["method"] == "vr")]
+    b = df[df["method"] == "mle"]
+    if a.empty or b.empty:
+        return None
+    a = a.set_index(["scenario", "n", "rep"])[tc]
+    b = b.set_index(["scenario", "n", "rep"])[tc].loc[a.index]
+    return float(np.max(np.abs(a.to_numpy() - b.to_numpy())))

@@ -1,0 +1,418 @@
+"""Population theory of METHOD.md section 3 for any scenario, auxiliary model, M and ``lam``.
+
+For a scenario and an auxiliary model ``g`` this computes, at ``theta*``,
+
+- ``H = E[s(1-s) X X^T]`` (the Hessian of every estimator),
+- the meat of the VR sandwich as a quadratic in ``lam``: ``Sigma(lam) = S0 + lam S1 + lam^2 S2``,
+  held in a :class:`vrpo.variance.VarianceParts` with ``n = 1``, so ``V(lam)``,
+  ``Sigma_MLE = Sigma(0)``, ``Sigma_VR = Sigma(lam)`` and the optimal ``lam`` come
+  from the *same* methods the estimator uses for its sandwich and its power tuning,
+- ``G = E_x Cov_{a ~ pi_theta*(.|x)}(phi(x, a))`` and the regret constant ``tr(G V) / (2 beta)``.
+
+Population moments (per labelled prompt; ``a = (s - Z) X``, ``u = (s - g) X`` the
+residual of one extra pair, ``gbar = E[g | pair]`` over the annotator's own noise):
+
+    S0 = E[((s - p*)^2 + Var(Z|pair)) X X^T] - E[a] E[a]^T
+    same prompts:  S1 = 2 sym( -E[(s - p*)(s - gbar) X X^T] + E_x[ E[a|x] E[u|x]^T ] )
+                   S2 = (1 + 1/M) E_x Cov(u | x)
+    fresh prompts: S1 = 2 sym( -E[(s - p*)(s - gbar) X X^T] + E[a] E[u]^T )
+                   S2 = (1 + 1/M) Cov(u)        (N = M n extra prompts)
+
+with ``E[u u^T | pair] = ((s - gbar)^2 + Var(g | pair)) X X^T``. With ``g = p*`` these
+give ``Sigma_MLE - Sigma_VR(1) = (1 - 1/M) E_x Var(m | x)`` (same prompts). Sums over
+arm pairs are exact (weights ``pi_ref(a) pi_ref(b)``); the expectation over contexts
+is a sample of ``n_ctx`` contexts split into ``n_batches`` batches, and every scalar
+carries its delete-one-batch jackknife standard error (``theta*`` held fixed; its own
+Monte Carlo error is reported separately as ``theta_star_se``).
+
+Limiting auxiliary models: ``oracle``, ``biased``, ``constant`` are evaluated by the
+``sim`` auxiliary model itself on all arm pairs; ``noisy:s`` is integrated over its
+Gaussian logit noise by Gauss-Hermite quadrature (:data:`GH_NODES` nodes); ``self``
+uses its limit ``sigma(theta* . X)`` (then ``S1 = S2 = 0``: VR equals the MLE);
+``learned:K`` uses the population ridge-logistic fit of its feature class (fitted on
+the first :data:`LEARNED_CTX` contexts; cross-fitting does not change the limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit, logit
+
+import vrpo
+from sim.aux_models import make_aux, quadratic_pair_features
+from sim.bandit import Bandit, BanditSpec, Contexts
+from sim.data import PairData
+from sim.policy import log_policy_linear
+from sim.population import all_pairs
+from sim.scenarios import make_scenario
+from vrpo.variance import VarianceParts, margins, pair_hessian, pair_score, xtwx
+
+__all__ = ["PopulationTheory", "population_theory", "policy_G", "aux_limit", "METHOD_LAM", "GH_NODES",
+           "LEARNED_CTX", "THEORY_VERSION", "theory_cached"]
+
+GH_NODES = 40  # Gauss-Hermite nodes for the noisy annotator's logit noise
+LEARNED_CTX = 3000  # contexts used to fit the limiting 'learned' g
+THEORY_VERSION = 1
+_STREAM_THEORY = 0x7E0
+
+
+def _crc(s: str) -> int:
+    return zlib.crc32(s.encode())
+
+
+# --------------------------------------------------------------------------- G and regret
+
+
+def policy_G(theta, phi, log_pi_ref, beta):
+    """``G = E_x Cov_{a ~ pi_theta(.|x)}(phi(x, a))`` over contexts ``phi (E, K, d)``.
+
+    ``pi_theta propto pi_ref exp(theta . phi / beta)``; returns ``(d, d)``. The
+    regret of a nearby ``theta + dtheta`` is ``beta KL ~ dtheta^T G dtheta / (2 beta)``.
+    """
+    pi = np.exp(log_policy_linear(np.asarray(theta)[None], phi, log_pi_ref, beta)[0])  # (E, K)
+    return _policy_G_sum(pi, phi) / phi.shape[0]
+
+
+def _policy_G_sum(pi, phi):
+    mean = np.einsum("ek,ekd->ed", pi, phi)  # (E, d)
+    second = np.einsum("ek,ekd,ekf->df", pi, phi, phi)  # (d, d)
+    return second - mean.T @ mean
+
+
+# --------------------------------------------------------------------------- limiting g
+
+
+def _all_pairs_data(ctx: Contexts, P):
+    """All ``K^2`` ordered arm pairs of every context as a one-replication :class:`PairData`."""
+    C, K, d = ctx.phi.shape
+    phi1 = np.broadcast_to(ctx.phi[:, :, None, :], (C, K, K, d)).reshape(1, C * K * K, d)
+    phi2 = np.broadcast_to(ctx.phi[:, None, :, :], (C, K, K, d)).reshape(1, C * K * K, d)
+    x = np.broadcast_to(ctx.x[:, None, None, :], (C, K, K, ctx.x.shape[-1])).reshape(1, C * K * K, -1)
+    p = P.reshape(1, C * K * K)
+    return PairData(x=x, phi1=phi1, phi2=phi2, p=p, Z=p.copy(), x_aux=x[:, :, None, :], phi1_aux=phi1[:, :, None, :],
+                    phi2_aux=phi2[:, :, None, :], p_aux=p[:, :, None], aux_prompts="same")
+
+
+def aux_limit(g_spec: str, scenario, theta_star, ctx: Contexts, P, state: dict | None = None):
+    """Limiting ``(gbar, var_g)`` of auxiliary model ``g_spec`` on all arm pairs, ``(C, K, K)`` each.
+
+    ``gbar = E[g | pair]``, ``var_g = Var(g | pair)`` over the annotator's own noise
+    (zero for deterministic ``g``). ``state`` caches fitted limits (``learned``) across calls.
+    """
+    aux = make_aux(g_spec, scenario)
+    name = aux.name
+    X = ctx.phi[:, :, None, :] - ctx.phi[:, None, :, :]  # (C, K, K, d)
+    zero = np.zeros(P.shape)
+    if name in ("oracle", "biased", "constant"):
+        g, _ = aux(_all_pairs_data(ctx, P), [np.random.default_rng(0)])
+        return g.reshape(P.shape), zero
+    if name == "noisy":
+        z, w = np.polynomial.hermite_e.hermegauss(GH_NODES)
+        w = w / w.sum()  # probabilists' Gauss-Hermite: E f(eps), eps ~ N(0, 1)
+        lp = logit(np.clip(P, 1e-12, 1 - 1e-12))[..., None]  # same clipping as sim.aux_models.Noisy
+        gz = expit(lp + aux.s * z)  # (C, K, K, nodes)
+        m1 = gz @ w
+        m2 = (gz * gz) @ w
+        return m1, np.maximum(m2 - m1 * m1, 0.0)
+    if name == "self":
+        return expit(margins(theta_star, X)), zero
+    if name == "learned":
+        key = ("learned", aux.ridge)
+        if state is None or key not in state:
+            raise ValueError("aux_limit('learned') needs state[('learned', ridge)]: the limiting weights")
+        w_l = state[key]
+        F = quadratic_pair_features(ctx.x[:, None, None, :], ctx.phi[:, :, None, :], ctx.phi[:, None, :, :])
+        return expit(F @ w_l), zero
+    raise NotImplementedError(f"no population limit for auxiliary model {g_spec!r}; add one to analysis.theory.aux_limit")
+
+
+def _learned_limit(aux, scenario, ctx: Contexts):
+    """Population ridge-logistic fit of the 'learned' feature class (the limit of its K-fold fits)."""
+    X, P, W, _ = all_pairs(scenario, ctx)
+    C, K = P.shape[:2]
+    F = quadratic_pair_features(ctx.x[:, None, None, :], ctx.phi[:, :, None, :], ctx.phi[:, None, :, :])
+    return vrpo.fit_bt_population(F.reshape(C * K * K, -1), P.reshape(-1), W.reshape(-1), ridge=aux.ridge)
+
+
+# --------------------------------------------------------------------------- moments
+
+
+_MOMENTS = ("H", "Eaa", "ma", "Eab", "mu_cross", "Euu", "muu", "mu", "G", "count")
+
+
+def _batch_moments(theta, X, P, W, Vz, gbar, vg, pi_star, phi):
+    """Sums over the contexts of one batch of the population moments (module docstring).
+
+    ``X (C, K, K, d)``, ``P, W, Vz, gbar, vg (C, K, K)``, ``pi_star (C, K)``, ``phi (C, K, d)``.
+    """
+    C, K, _, d = X.shape
+    Xr = X.reshape(C, K * K, d)  # (C, K^2, d)
+    Wr = W.reshape(C, K * K)
+    a = pair_score(theta, Xr, P.reshape(C, K * K))  # (C, K^2, d)  (s - p*) X
+    u = pair_score(theta, Xr, gbar.reshape(C, K * K))  # (C, K^2, d)  (s - gbar) X
+    s = expit(margins(theta, Xr))
+    ra, ru = s - P.reshape(C, K * K), s - gbar.reshape(C, K * K)
+    mu_a = np.einsum("cr,crd->cd", Wr, a)  # (C, d)  E[a | x]
+    mu_u = np.einsum("cr,crd->cd", Wr, u)  # (C, d)  E[u | x]
+    flat = lambda v: v.reshape(-1)  # noqa: E731
+    Xf = Xr.reshape(C * K * K, d)
+    return {
+        "H": pair_hessian(theta, Xf, flat(Wr)),  # weights sum to C: a sum over contexts
+        "Eaa": xtwx(Xf, flat(Wr * (ra**2 + Vz.reshape(C, K * K)))),
+        "ma": mu_a.sum(axis=0),
+        "Eab": xtwx(Xf, flat(Wr * ra * ru)),
+        "mu_cross": mu_a.T @ mu_u,
+        "Euu": xtwx(Xf, flat(Wr * (ru**2 + vg.reshape(C, K * K)))),
+        "muu": mu_u.T @ mu_u,
+        "mu": mu_u.sum(axis=0),
+        "G": _policy_G_sum(pi_star, phi),
+        "count": float(C),
+    }
+
+
+def _parts_from_moments(mom: dict, M: int, aux_prompts: str):
+    """``(VarianceParts(n=1), G)`` from (possibly stacked) moment sums."""
+    c = np.asarray(mom["count"], dtype=float)
+    cm, cv = c[..., None, None], c[..., None]
+    E = {k: mom[k] / (cm if np.ndim(mom[k]) == np.ndim(c) + 2 else cv) for k in _MOMENTS if k != "count"}
+    outer = lambda u, v: u[..., :, None] * v[..., None, :]  # noqa: E731
+    sym = lambda S: S + np.swapaxes(S, -1, -2)  # noqa: E731
+    S0 = E["Eaa"] - outer(E["ma"], E["ma"])
+    if aux_prompts == "same":
+        S1 = sym(-E["Eab"] + E["mu_cross"])
+        S2 = (1.0 + 1.0 / M) * (E["Euu"] - E["muu"])
+    elif aux_prompts == "fresh":
+        S1 = sym(-E["Eab"] + outer(E["ma"], E["mu"]))
+        S2 = (1.0 + 1.0 / M) * (E["Euu"] - outer(E["mu"], E["mu"]))
+    else:
+        raise ValueError(f"aux_prompts must be 'same' or 'fresh', got {aux_prompts!r}")
+    A = np.linalg.inv(E["H"])
+    return VarianceParts(A=A, S0=S0, S1=S1, S2=S2, n=1), E["G"]
+
+
+# --------------------------------------------------------------------------- result
+
+
+METHOD_LAM = {"mle": 0.0, "vr": 1.0, "vr-auto": "auto"}
+
+
+@dataclass
+class PopulationTheory:
+    """Asymptotic theory of one scenario x ``g`` x ``M`` x prompts (module docstring).
+
+    ``parts``: :class:`VarianceParts` (``n = 1``) of the full context sample; ``jack``:
+    the same with a leading axis of ``n_batches`` delete-one-batch estimates; ``G``
+    and ``G_jack`` likewise.
+    """
+
+    scenario: str
+    g: str
+    M: int
+    aux_prompts: str
+    beta: float
+    theta_star: np.ndarray
+    theta_star_se: np.ndarray
+    parts: VarianceParts
+    G: np.ndarray
+    jack: VarianceParts
+    G_jack: np.ndarray
+    n_ctx: int
+    n_batches: int
+
+    # -- named quantities
+    @property
+    def H(self):
+        return np.linalg.inv(self.parts.A)
+
+    def lam(self, method) -> float:
+        """``lam`` of a method (``mle``/``vr``/``vr-auto``/``vr:<lam>``/a number); ``vr-auto``
+        is the optimal ``lam`` clipped to [0, 1], as the estimator clips it."""
+        from sim.config import parse_method
+
+        lam = parse_method(method) if isinstance(method, str) else float(method)
+        return float(self.parts.lam_opt()) if lam == "auto" else float(lam)
+
+    def lam_opt(self, clip=(0.0, 1.0)) -> float:
+        return float(self.parts.lam_opt(clip=clip))
+
+    def Sigma(self, lam):
+        return self.parts.sigma(lam)
+
+    def V(self, lam):
+        return self.parts.V(lam)
+
+    def trV(self, lam) -> float:
+        return float(np.trace(self.parts.V(lam)))
+
+    def regret_const(self, lam, G=None) -> float:
+        """``n E[regret] -> tr(G V(lam)) / (2 beta)``."""
+        G = self.G if G is None else G
+        return float(np.trace(G @ self.parts.V(lam)) / (2.0 * self.beta))
+
+    # -- Monte Carlo error of the context sample
+    def jackknife_se(self, fn) -> float:
+        """Delete-one-batch jackknife SE of ``fn(parts, G) -> (...)`` scalar(s)."""
+        vals = np.asarray(fn(self.jack, self.G_jack), dtype=float)  # (B,)
+        B = vals.shape[0]
+        return float(np.sqrt((B - 1) / B * np.sum((vals - vals.mean()) ** 2)))
+
+    def _lam_b(self, method):
+        if method == "vr-auto":
+            return lambda P: P.lam_opt()
+        lam = self.lam(method)
+        return lambda P: np.full(P.A.shape[:-2], lam)
+
+    def trV_se(self, method) -> float:
+        lb = self._lam_b(method)
+        return self.jackknife_se(lambda P, G: np.trace(P.V(lb(P)), axis1=-2, axis2=-1))
+
+    def regret_const_se(self, method) -> float:
+        lb = self._lam_b(method)
+        return self.jackknife_se(lambda P, G: np.trace(G @ P.V(lb(P)), axis1=-2, axis2=-1) / (2 * self.beta))
+
+    def ratio_se(self, method, what="trV") -> float:
+        lb = self._lam_b(method)
+
+        def f(P, G):
+            W = np.broadcast_to(np.eye(G.shape[-1]), G.shape) if what == "trV" else G
+            num = np.trace(W @ P.V(lb(P)), axis1=-2, axis2=-1)
+            den = np.trace(W @ P.V(np.zeros(P.A.shape[:-2])), axis1=-2, axis2=-1)
+            return num / den
+
+        return self.jackknife_se(f)
+
+    def row(self, method) -> dict:
+        """One table row: ``lam``, ``trV``, ``regret_const``, ratios to the MLE, each with its SE."""
+        lam = self.lam(method)
+        trV0, rc0 = self.trV(0.0), self.regret_const(0.0)
+        return {
+            "scenario": self.scenario, "g": self.g if method != "mle" else "none", "method": method, "M": self.M,
+            "aux_prompts": self.aux_prompts, "lam": lam,
+            "trV": self.trV(lam), "trV_se": self.trV_se(method),
+            "regret_const": self.regret_const(lam), "regret_const_se": self.regret_const_se(method),
+            "var_ratio": self.trV(lam) / trV0, "var_ratio_se": self.ratio_se(method, "trV"),
+            "regret_ratio": self.regret_const(lam) / rc0, "regret_ratio_se": self.ratio_se(method, "G"),
+            "lam_opt_unclipped": self.lam_opt(clip=None),
+        }
+
+    # -- (de)serialisation for the cache
+    def to_dict(self) -> dict:
+        def pd_(P):
+            return {k: np.asarray(getattr(P, k)).tolist() for k in ("A", "S0", "S1", "S2")}
+
+        return {"scenario": self.scenario, "g": self.g, "M": self.M, "aux_prompts": self.aux_prompts,
+                "beta": self.beta, "theta_star": self.theta_star.tolist(), "theta_star_se": self.theta_star_se.tolist(),
+                "parts": pd_(self.parts), "G": self.G.tolist(), "jack": pd_(self.jack), "G_jack": self.G_jack.tolist(),
+                "n_ctx": self.n_ctx, "n_batches": self.n_batches}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PopulationTheory":
+        def vp(x):
+            return VarianceParts(**{k: np.asarray(x[k]) for k in ("A", "S0", "S1", "S2")}, n=1)
+
+        return cls(scenario=d["scenario"], g=d["g"], M=int(d["M"]), aux_prompts=d["aux_prompts"], beta=d["beta"],
+                   theta_star=np.asarray(d["theta_star"]), theta_star_se=np.asarray(d["theta_star_se"]),
+                   parts=vp(d["parts"]), G=np.asarray(d["G"]), jack=vp(d["jack"]), G_jack=np.asarray(d["G_jack"]),
+                   n_ctx=int(d["n_ctx"]), n_batches=int(d["n_batches"]))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def theory_contexts(spec: BanditSpec, scenario: str, n_ctx: int) -> Contexts:
+    """The theory's own context sample (seeded by ``spec.seed`` and the scenario name)."""
+    bandit = Bandit(spec)
+    rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_crc(scenario), _STREAM_THEORY)))
+    return bandit.sample_contexts(rng, n_ctx)
+
+
+def population_theory(spec: BanditSpec, scenario: str, g: str | list[str], M: int = 4, aux_prompts: str = "same",
+                      n_ctx: int = 20000, n_batches: int = 20, theta_star=None):
+    """:class:`PopulationTheory` of ``scenario`` for each auxiliary model in ``g``.
+
+    ``spec``: the bandit (``d, K, dx, scale, beta, pi_ref, seed``); ``theta_star``:
+    optional precomputed ``(theta*, se)`` on the same contexts. A list ``g`` shares
+    ``theta*`` and the context sample; returns a list then, else one object.
+    """
+    gs = [g] if isinstance(g, str) else list(g)
+    if n_ctx % n_batches:
+        raise ValueError(f"n_ctx ({n_ctx}) must be a multiple of n_batches ({n_batches})")
+    bandit = Bandit(spec)
+    scen = make_scenario(scenario, bandit)
+    ctx = theory_contexts(spec, scenario, n_ctx)
+    if theta_star is None:
+        from sim.population import theta_star as _theta_star
+
+        theta_star = _theta_star(scen, ctx)
+    th, th_se = theta_star
+    state = {}
+    for gs_ in gs:
+        aux = make_aux(gs_, scen)
+        if aux.name == "learned" and ("learned", aux.ridge) not in state:
+            sub = Contexts(ctx.x[:LEARNED_CTX], ctx.phi[:LEARNED_CTX], ctx.log_pi_ref[:LEARNED_CTX])
+            state[("learned", aux.ridge)] = _learned_limit(aux, scen, sub)
+    bs = n_ctx // n_batches
+    per_g = {gs_: [] for gs_ in gs}
+    for b in range(n_batches):
+        sl = slice(b * bs, (b + 1) * bs)
+        cb = Contexts(ctx.x[sl], ctx.phi[sl], ctx.log_pi_ref[sl])
+        X, P, W, Vz = all_pairs(scen, cb)
+        pi_star = np.exp(log_policy_linear(th[None], cb.phi, cb.log_pi_ref, spec.beta)[0])
+        for gs_ in gs:
+            gbar, vg = aux_limit(gs_, scen, th, cb, P, state)
+            per_g[gs_].append(_batch_moments(th, X, P, W, Vz, gbar, vg, pi_star, cb.phi))
+    out = []
+    for gs_ in gs:
+        mom = {k: np.stack([m[k] for m in per_g[gs_]]) for k in _MOMENTS}  # (B, ...)
+        total = {k: v.sum(axis=0) for k, v in mom.items()}
+        loo = {k: total[k][None] - v for k, v in mom.items()}
+        parts, G = _parts_from_moments(total, M, aux_prompts)
+        jack, G_jack = _parts_from_moments(loo, M, aux_prompts)
+        out.append(PopulationTheory(scenario=scenario, g=gs_, M=M, aux_prompts=aux_prompts, beta=spec.beta,
+                                    theta_star=np.asarray(th), theta_star_se=np.asarray(th_se), parts=parts, G=G,
+                                    jack=jack, G_jack=G_jack, n_ctx=n_ctx, n_batches=n_batches))
+    return out[0] if isinstance(g, str) else out
+
+
+def _theory_key(spec: BanditSpec, scenario, g, M, aux_prompts, n_ctx, n_batches, theta_star=None) -> str:
+    ident = {"spec": asdict(spec), "scenario": scenario, "g": g, "M": M, "aux_prompts": aux_prompts, "n_ctx": n_ctx,
+             "n_batches": n_batches, "theory_version": THEORY_VERSION, "vrpo_version": vrpo.__version__,
+             "theta_star": None if theta_star is None else [round(float(v), 12) for v in theta_star[0]]}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def theory_cached(spec: BanditSpec, scenario: str, gs, M: int = 4, aux_prompts: str = "same", n_ctx: int = 20000,
+                  n_batches: int = 20, cache_dir=None, theta_star=None) -> dict:
+    """``{g: PopulationTheory}``, read from / written to ``cache_dir`` (JSON, atomic) when given.
+
+    ``theta_star``: optional ``(theta*, se)`` at which to evaluate (default: fitted on
+    the theory's own contexts)."""
+    gs = list(dict.fromkeys(gs))
+    out, missing = {}, []
+    cache_dir = None if cache_dir is None else Path(cache_dir)
+    for g in gs:
+        f = None if cache_dir is None else cache_dir / f"{_theory_key(spec, scenario, g, M, aux_prompts, n_ctx, n_batches, theta_star)}.json"
+        if f is not None and f.exists():
+            out[g] = PopulationTheory.from_dict(json.loads(f.read_text()))
+        else:
+            missing.append(g)
+    if missing:
+        res = population_theory(spec, scenario, missing, M, aux_prompts, n_ctx, n_batches, theta_star=theta_star)
+        for g, t in zip(missing, res):
+            out[g] = t
+            if cache_dir is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                f = cache_dir / f"{_theory_key(spec, scenario, g, M, aux_prompts, n_ctx, n_batches, theta_star)}.json"
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(t.to_dict(), fh)
+                os.replace(tmp, f)
+    return {g: out[g] for g in gs}
