@@ -29,6 +29,15 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+
+
+def _umask_mode() -> int:
+    """``0o666`` minus the process umask: the mode a plain ``open(..., "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 __all__ = [
     "ASSISTANT",
     "HUMAN",
@@ -480,6 +489,7 @@ def save_preference_table(df: pd.DataFrame, path) -> Path:
             plain.to_csv(tmp, index=False)
         else:
             raise ValueError(f"{path}: unknown table format (use .jsonl[.gz], .parquet or .csv)")
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -24,13 +24,21 @@ settings and the exact texts, and written atomically; a rerun reads the cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+
+
+def _umask_mode() -> int:
+    """``0o666`` minus the process umask: the mode a plain ``open(..., "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 __all__ = [
     "EMBED_DIM",
@@ -130,6 +138,7 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, arr)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -168,6 +177,8 @@ def embed_texts(
             if arr.shape == (len(texts), EMBED_DIM):
                 return arr
     uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    if progress:
+        print(f"{desc}: encoding {len(uniq)} distinct texts (cache miss)", file=sys.stderr, flush=True)
     model = load_encoder(device)
     import torch
 

@@ -46,6 +46,15 @@ from scipy.stats import norm
 
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
 
+
+
+def _umask_mode() -> int:
+    """``0o666`` minus the process umask: the mode a plain ``open(..., "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 __all__ = [
     "HHRewardConfig",
     "CellData",
@@ -147,6 +156,9 @@ class HHRewardConfig:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
         out["data_dir"] = str(Path(self.data_dir).resolve())
         out["data_files"] = {o: str(self.relabeled_path(o).resolve()) for o in self.objectives}
+        from .features import default_cache_dir
+
+        out["cache_dir_resolved"] = str(Path(self.cache_dir).resolve() if self.cache_dir else default_cache_dir())
         import vrpo
 
         out["versions"] = {"python": platform.python_version(), "numpy": np.__version__, "vrpo": vrpo.__version__}
@@ -397,6 +409,9 @@ def run_cell(cfg: HHRewardConfig, cell: CellData, pbar=None) -> tuple[list[dict]
                 if pbar is not None:
                     pbar.update(1)
             n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:  # counted above; anything else is passed on
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         for r in rows:
             if r["n"] == n:
                 r["convergence_warnings"] = n_warn
@@ -426,6 +441,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -439,6 +455,7 @@ def _atomic_savefig(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix[1:])
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

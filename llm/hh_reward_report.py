@@ -125,6 +125,45 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _pts(x: float) -> str:
+    """Signed points with one decimal, never ``-0.0``."""
+    v = round(float(x), 1)
+    return f"{v:+.1f}" if v != 0 else "0.0"
+
+
+def _bottom_line(df: pd.DataFrame) -> str:
+    """One plain paragraph on the GPT-3.5 annotator: lam = 1 versus power tuning."""
+    if "llm" not in set(df["g"]):
+        return ""
+    out = []
+    for m in ("vr", "auto"):
+        s = df[(df["g"] == "llm") & (df["method"] == m)]
+        v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
+        k_help, k_hurt, tot = v.count("helps"), v.count("hurts"), len(v)
+        if k_hurt > tot / 2 and k_help == 0:
+            word = "hurts"
+        elif k_help > tot / 2 and k_hurt == 0:
+            word = "helps"
+        elif k_help == 0 and k_hurt == 0:
+            word = "makes no detectable difference"
+        else:
+            word = "gives mixed results"
+        out.append(dict(word=word, k_help=k_help, k_hurt=k_hurt, tot=tot, lo=s["var_ratio"].min(),
+                        hi=s["var_ratio"].max(), med=float(np.median(s["var_ratio"])),
+                        a_lo=_pts(100 * s["acc_diff"].min()), a_hi=_pts(100 * s["acc_diff"].max()),
+                        lam=s["lam_mean"].mean()))
+    v1, au = out
+    return (
+        f"**Bottom line.** Used as in the paper (lam = 1), the raw GPT-3.5 label **{v1['word']}**: the variance of "
+        f"theta_hat is higher than MLE's in {v1['k_hurt']} and lower in {v1['k_help']} of {v1['tot']} settings "
+        f"(ratio {v1['lo']:.2f}–{v1['hi']:.2f}, median {v1['med']:.2f}) and held-out accuracy changes by "
+        f"{v1['a_lo']} to {v1['a_hi']} points. With power tuning (VR-auto) the same annotator **{au['word']}**: "
+        f"variance lower in {au['k_help']} and higher in {au['k_hurt']} of {au['tot']} settings (ratio "
+        f"{au['lo']:.2f}–{au['hi']:.2f}, median {au['med']:.2f}), with a mean lam of {au['lam']:.2f}; held-out "
+        f"accuracy changes by {au['a_lo']} to {au['a_hi']} points."
+    )
+
+
 def _share(k: int, tot: int) -> str:
     if k == 0:
         return "in no setting"
@@ -144,11 +183,11 @@ def _summary_statement(df: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
             v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
             tot = len(v)
             k_help, k_hurt = v.count("helps"), v.count("hurts")
-            acc_lo, acc_hi = 100 * s["acc_diff"].min(), 100 * s["acc_diff"].max()
+            acc_lo, acc_hi = _pts(100 * s["acc_diff"].min()), _pts(100 * s["acc_diff"].max())
             txt = (f"{M_STYLE[m][2]} reduces the variance of theta_hat {_share(k_help, tot)} and increases it "
                    f"{_share(k_hurt, tot)} (ratio to MLE {s['var_ratio'].min():.2f}–{s['var_ratio'].max():.2f}, "
-                   f"median {np.median(s['var_ratio']):.2f}); held-out accuracy changes by {acc_lo:+.1f} to "
-                   f"{acc_hi:+.1f} points")
+                   f"median {np.median(s['var_ratio']):.2f}); held-out accuracy changes by {acc_lo} to "
+                   f"{acc_hi} points")
             if m == "auto":
                 txt += f"; its lam averages {s['lam_mean'].mean():.2f} (range of means {s['lam_mean'].min():.2f}–{s['lam_mean'].max():.2f})"
             bits.append(txt)
@@ -254,6 +293,9 @@ def make_fragment(result: dict, pngs: list[Path], fig_dir: Path) -> str:
           f"MLE on the same {cfg['reps']} subsamples (log scale; below 1 means VR varies less); bottom, held-out accuracy "
           "against human labels (MLE black; dotted: theta*). Bars: 95% Monte Carlo intervals over subsamples.*", ""]
     L += ["**Verdict** (a change counts when the variance ratio is more than 2 Monte Carlo SE from 1):", ""]
+    bottom = _bottom_line(df)
+    if bottom:
+        L += [bottom, ""]
     L += _summary_statement(df, cells) + [""]
     L += _verdict_lines(df) + [""]
     L += ["**Variance ratio** `tr Cov(VR) / tr Cov(MLE)`, resampled ± SE, [sandwich estimate]; †k: k subsamples "
