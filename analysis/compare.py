@@ -112,6 +112,10 @@ def compare_table(df: pd.DataFrame, cfg: ExperimentConfig, theories: dict, G_eva
                    regret_const_th_se=t.regret_const_se(method))
         row["z_regret"] = _z(row["nregret_sim"], row["nregret_sim_se"], row["regret_const_th"], row["regret_const_th_se"])
         row.update(coverage_sim=r.cover_frac, coverage_sim_se=r.cover_frac_se, coverage_nominal=1 - cfg.alpha)
+        # mean sandwich estimate n tr Cov_hat (its ratio to the simulated n tr Cov explains coverage errors)
+        sel = df[(df.scenario == s) & (df.n == n) & (df.g == g) & (df.method == method) & df.converged.astype(bool)]
+        se_cols = [c.replace("theta_", "se_") for c in tc]
+        row["trV_sandwich"] = float(n * np.mean(np.sum(sel[se_cols].to_numpy() ** 2, axis=1)))
         row["z_coverage"] = _z(r.cover_frac, r.cover_frac_se, 1 - cfg.alpha, 0.0)
         row.update(lam_sim=r.lam, lam_sim_se=r.lam_se, lam_th=lam)
         # paired VR/MLE ratios over replications where both fits converged

@@ -36,6 +36,7 @@ def save_figure(fig, path, formats=("png",)) -> list[Path]:
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are shared files
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
