@@ -43,8 +43,8 @@ def test_report_includes_figures_tables_and_section_slot(smoke_set):
     for name in missing:
         assert f"`sections/{name}`" in text  # a missing fragment gets a note
     assert text.index("HH reward fragment") < text.index(f"`sections/{missing[0]}`")  # fixed order
-    for name in fs.configs:
-        assert f"- `{name}` (seed 0" in text
+    for name, cfg in fs.configs.items():
+        assert f"- `{name}` (seed {cfg.seed};" in text
 
 
 def test_second_build_reads_the_cache(smoke_set):
