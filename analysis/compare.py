@@ -25,25 +25,13 @@ from sim.bandit import Bandit
 from sim.config import ExperimentConfig
 from sim.summary import summarize, theta_cols
 
+from sim.runner import eval_contexts  # re-exported: the runner's evaluation contexts
+
 from .theory import PopulationTheory, policy_G, theory_cached
 
 __all__ = ["Z_FLAG", "eval_contexts", "sweep_theories", "compare_table", "paired_ratio", "agreement_summary"]
 
 Z_FLAG = 3.0
-
-
-def eval_contexts(cfg: ExperimentConfig, scenario: str):
-    """The runner's evaluation contexts of ``scenario`` (same generator as ``sim.runner.populations``).
-
-    ``sim.runner`` draws ``n_pop`` contexts for ``theta*`` and then ``n_eval`` for
-    evaluation from one generator; we redraw both (cheap) and keep the second.
-    """
-    from sim.runner import _STREAM_POP, _crc  # see /tmp/patches: a public population_rng() would be cleaner
-
-    bandit = Bandit(cfg.bandit_spec)
-    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_crc(scenario), _STREAM_POP)))
-    bandit.sample_contexts(rng, cfg.n_pop)
-    return bandit.sample_contexts(rng, cfg.n_eval)
 
 
 def sweep_theories(cfg: ExperimentConfig, meta: dict, *, n_ctx: int = 20000, n_batches: int = 20,

@@ -38,7 +38,8 @@ from .policy import log_policy_linear, regret, win_rate
 from .population import Population, make_population
 from .scenarios import make_scenario
 
-__all__ = ["run_experiment", "run_cell_chunk", "read_results", "write_table", "populations"]
+__all__ = ["run_experiment", "run_cell_chunk", "read_results", "write_table", "populations", "population_rng",
+           "eval_contexts"]
 
 _STREAM_DATA = 0
 _STREAM_POP = 0x9E3779B1
@@ -53,13 +54,26 @@ def rep_generator(seed: int, scenario: str, n: int, rep: int, stream: int) -> np
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_crc(scenario), n, rep, stream)))
 
 
+def population_rng(cfg: ExperimentConfig, scenario: str) -> np.random.Generator:
+    """The generator of ``scenario``'s population: ``n_pop`` contexts for ``theta*``, then
+    the ``n_eval`` evaluation contexts (see :func:`sim.population.make_population`)."""
+    return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_crc(scenario), _STREAM_POP)))
+
+
+def eval_contexts(cfg: ExperimentConfig, scenario: str):
+    """The evaluation contexts of ``scenario`` without refitting ``theta*``."""
+    bandit = Bandit(cfg.bandit_spec)
+    rng = population_rng(cfg, scenario)
+    bandit.sample_contexts(rng, cfg.n_pop)  # the theta* contexts come first in the stream
+    return bandit.sample_contexts(rng, cfg.n_eval)
+
+
 def populations(cfg: ExperimentConfig) -> dict[str, Population]:
     """``theta*`` and evaluation sets per scenario (deterministic in ``cfg.seed``)."""
     bandit = Bandit(cfg.bandit_spec)
     out = {}
     for s in cfg.scenarios:
-        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_crc(s), _STREAM_POP)))
-        out[s] = make_population(make_scenario(s, bandit), bandit, rng, cfg.n_pop, cfg.n_eval)
+        out[s] = make_population(make_scenario(s, bandit), bandit, population_rng(cfg, s), cfg.n_pop, cfg.n_eval)
     return out
 
 

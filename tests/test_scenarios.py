@@ -171,3 +171,14 @@ def test_regret_identity_and_win_rate_symmetry():
     P = expit(r_true[:, :, None] - r_true[:, None, :] + 0.3 * rng.normal(size=(E, K, K)) * 0)
     assert win_rate(lp_hat, lp_hat, P) == pytest.approx(0.5, abs=1e-12)
     assert win_rate(lp_opt, log_ref, P) > 0.5
+
+
+def test_auto_lam_with_self_g_is_zero_not_round_off_noise():
+    """With g = the fit's own sigma(delta) the correction has no variance; lam* must be 0,
+    not the ratio of two solver residuals (found by the theory checks, /tmp/patches)."""
+    sc, data = _batch(R=6, n=400)
+    g, ga = make_aux("self", sc)(data, [None] * 6)
+    mle = vrpo.fit_bt(data.X, data.Z, lam=0)
+    fit = vrpo.fit_bt(data.X, data.Z, g, data.X_aux, ga, lam="auto", theta0=mle.theta + 1e-3)
+    np.testing.assert_array_equal(fit.lam, 0.0)
+    np.testing.assert_allclose(fit.theta, mle.theta, atol=1e-9)

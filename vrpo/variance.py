@@ -174,15 +174,23 @@ class VarianceParts:
             t = lambda S: (self.A @ S @ self.A)[..., coord, coord]  # noqa: E731
         return t(self.S1), t(self.S2)
 
-    def lam_opt(self, coord=None, clip=(0.0, 1.0)):
+    def lam_opt(self, coord=None, clip=(0.0, 1.0), rtol=1e-12):
         """Power-tuned ``lam`` minimising ``tr V(lam)`` (or ``V[coord, coord]``).
 
         ``lam* = -tr(A S1 A) / (2 tr(A S2 A))`` (PPI++), clipped to ``clip``
-        (``None``: unclipped). ``lam* = 0`` where ``tr(A S2 A) = 0``. Returns ``(...,)``.
+        (``None``: unclipped). ``lam* = 0`` where the correction carries no variance,
+        ``tr(A S2 A) <= rtol tr(A S0 A)`` (e.g. ``g`` equal to the fit's own
+        ``sigma(delta)``, where both traces are solver round-off and their ratio
+        would be noise). Returns ``(...,)``.
         """
         q1, q2 = self._quad(coord)
+        if coord is None:
+            q0 = np.trace(self.A @ self.S0 @ self.A, axis1=-2, axis2=-1)
+        else:
+            q0 = (self.A @ self.S0 @ self.A)[..., coord, coord]
+        ok = q2 > rtol * np.abs(q0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            lam = np.where(q2 > 0, -q1 / (2.0 * np.where(q2 > 0, q2, 1.0)), 0.0)
+            lam = np.where(ok, -q1 / (2.0 * np.where(ok, q2, 1.0)), 0.0)
         if clip is not None:
             lam = np.clip(lam, *clip)
         return lam
