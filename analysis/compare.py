@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sim.bandit import Bandit
 from sim.config import ExperimentConfig
 from sim.summary import summarize, theta_cols
 

@@ -10,7 +10,7 @@ from scipy.special import expit
 
 import vrpo
 from vrpo import ConvergenceWarning, VRPOInputError, VarianceParts, fit_bt, pair_hessian, pair_score
-from vrpo.fit import _Blocks, _eval, _objective_blocks
+from vrpo.fit import _eval, _objective_blocks
 
 REF = Path(__file__).parent / "reference"
 TOL_EST = 1e-6  # agreement with independent optimisers (their own stopping rules)
