@@ -51,6 +51,7 @@ __all__ = [
     "load_relabeled",
     "load_preference_table",
     "save_preference_table",
+    "relabeled_to_preference_table",
     "PREFERENCE_COLUMNS",
 ]
 
@@ -463,6 +464,26 @@ def load_preference_table(path, on_error: str = "raise") -> pd.DataFrame:
     report.n_loaded = len(out)
     out.attrs["load_report"] = report
     return out
+
+
+def relabeled_to_preference_table(df: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`load_relabeled` frame as a TRL-style preference table with the LLM as ``g``.
+
+    ``chosen``/``rejected`` follow the human label; ``chosen_preference`` is the
+    annotator's probability that ``chosen`` beats ``rejected`` (1.0 when GPT-3.5
+    agrees with the human, else 0.0) and ``rejected_preference = 1 - chosen_preference``,
+    the reference code's convention. ``objective, data_subset, index`` are kept.
+    """
+    need = {"prompt", "chosen", "rejected", "llm_agrees"}
+    if not need <= set(df.columns):
+        raise ValueError(f"need a load_relabeled frame with columns {sorted(need)}; got {list(df.columns)}")
+    out = df[["prompt", "chosen", "rejected"]].copy()
+    out["chosen_preference"] = df["llm_agrees"].astype(float).to_numpy()
+    out["rejected_preference"] = 1.0 - out["chosen_preference"]
+    for c in ("objective", "data_subset", "index"):
+        if c in df.columns:
+            out[c] = df[c].to_numpy()
+    return out.reset_index(drop=True)
 
 
 def save_preference_table(df: pd.DataFrame, path) -> Path:

@@ -60,6 +60,8 @@ MAX_SEQ_LENGTH = 256  # word pieces the encoder reads, [CLS] and [SEP] included
 _ENCODER_VERSION = "minilm-sep-v1"  # bump when the encoding recipe changes
 
 _MODEL_CACHE: dict = {}
+#: running counts of :func:`embed_texts` calls answered from / missing the disk cache
+CACHE_STATS = {"hits": 0, "misses": 0}
 _HASH_CACHE: dict = {}
 
 
@@ -175,7 +177,9 @@ def embed_texts(
         if cache_file.exists():
             arr = np.load(cache_file)
             if arr.shape == (len(texts), EMBED_DIM):
+                CACHE_STATS["hits"] += 1
                 return arr
+    CACHE_STATS["misses"] += 1
     uniq, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     if progress:
         print(f"{desc}: encoding {len(uniq)} distinct texts (cache miss)", file=sys.stderr, flush=True)

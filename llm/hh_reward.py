@@ -294,6 +294,7 @@ def _summaries(fit, X_h, Z_h, theta_star):
     correct = np.where(margins == 0, 0.5, ((margins > 0) == (y > 0.5)).astype(float))
     return {
         "theta": theta,
+        "theta_star": np.broadcast_to(theta_star, theta.shape),
         "sand": np.trace(fit.cov, axis1=1, axis2=2),  # (R,) estimated tr Cov(theta_hat)
         "width": 2 * Z95 * se.mean(axis=1),
         "cover": (np.abs(theta - theta_star) <= Z95 * se).mean(axis=1),
@@ -341,7 +342,19 @@ def _row(s, base, meta):
         logloss=m(s["logloss"]), logloss_se=se(s["logloss"]),
         logloss_diff=m(s["logloss"] - base["logloss"]), logloss_diff_se=se(s["logloss"] - base["logloss"]),
         lam_mean=m(s["lam"]), lam_sd=float(np.std(s["lam"])),
+        bias_z=_bias_z(s["theta"], s["theta_star"][0]),
     )
+
+
+def _bias_z(theta, theta_star):
+    """Largest ``|mean_r theta_j - theta*_j| / (sd_j / sqrt(R))`` over coordinates ``j``.
+
+    Under "every method targets theta*" this is the max of ``d`` roughly standard
+    normal values (plus an O(1/n) finite-sample bias shared by all methods).
+    """
+    R = theta.shape[0]
+    sd = np.std(theta, axis=0, ddof=1)
+    return float(np.max(np.abs(theta.mean(axis=0) - theta_star) / (sd / math.sqrt(R))))
 
 
 # --------------------------------------------------------------------------- one cell
@@ -422,13 +435,16 @@ def run_cell(cfg: HHRewardConfig, cell: CellData, pbar=None) -> tuple[list[dict]
 
 
 def agreement_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Human/LLM agreement by data subset and objective (and overall), with binomial SE."""
+    """Human/LLM agreement by data subset and objective (and overall), with binomial SE,
+    and how often each prefers the first-listed response (``response_0``)."""
     rows = []
     for objective, df in frames.items():
         for subset, part in list(df.groupby("data_subset")) + [("all", df)]:
             k, n = int(part["llm_agrees"].sum()), len(part)
             p = k / n
-            rows.append(dict(objective=objective, subset=subset, pairs=n, agree=k, rate=p, se=math.sqrt(p * (1 - p) / n)))
+            rows.append(dict(objective=objective, subset=subset, pairs=n, agree=k, rate=p, se=math.sqrt(p * (1 - p) / n),
+                             human_first=float(np.mean(part["human_label"] == 0)),
+                             llm_first=float(np.mean(part["llm_label"] == 0))))
     return pd.DataFrame(rows)
 
 
@@ -472,7 +488,10 @@ def run(cfg: HHRewardConfig, write: bool = True) -> dict:
 
     from .data import load_relabeled
 
+    from .features import CACHE_STATS
+
     t0 = time.perf_counter()
+    stats0 = dict(CACHE_STATS)
     frames = {}
     for o in cfg.objectives:
         path = cfg.relabeled_path(o)
@@ -497,7 +516,9 @@ def run(cfg: HHRewardConfig, write: bool = True) -> dict:
     t_total = time.perf_counter() - t0
     result = dict(
         config=cfg.resolved(), agreement=agree.to_dict(orient="records"), cells=infos, rows=rows,
-        timing=dict(load_and_embed_s=t_embed, total_s=t_total),
+        timing=dict(load_and_embed_s=t_embed, total_s=t_total,
+                    embedding_cache_hits=CACHE_STATS["hits"] - stats0["hits"],
+                    embedding_cache_misses=CACHE_STATS["misses"] - stats0["misses"]),
         load_reports={o: f.attrs["load_report"].to_dict() for o, f in frames.items()},
     )
     if write:

@@ -13,6 +13,7 @@ from scipy.stats import chi2
 
 from llm.hh_reward import (
     HHRewardConfig,
+    _bias_z,
     _paired_ratio,
     learned_g,
     load_cells,
@@ -123,6 +124,15 @@ def test_paired_ratio_standard_error_matches_simulation():
     # true ratio (0.5 + 0.5) / 1 = 1; the reported SE matches the spread over repetitions
     assert abs(r.mean() - 1.0) < 4 * r.std() / np.sqrt(len(r))
     assert abs(se.mean() / r.std() - 1) < 0.15  # 400 repetitions: SD of an SD ~ 3.5%
+
+
+def test_bias_z_flags_an_off_centre_estimator():
+    rng = np.random.default_rng(4)
+    theta_star = np.array([0.5, -1.0, 2.0])
+    centred = theta_star + rng.normal(size=(200, 3))
+    assert _bias_z(centred, theta_star) < 3.2  # max of 3 |N(0,1)|: exceeded with probability ~0.4%
+    shifted = centred + np.array([0.0, 0.5, 0.0])  # half an sd off in one coordinate: z ~ 0.5 sqrt(200) ~ 7
+    assert _bias_z(shifted, theta_star) > 5.0
 
 
 # --------------------------------------------------------------------------- real data

@@ -16,6 +16,7 @@ from llm.data import (
     load_hh,
     load_preference_table,
     load_relabeled,
+    relabeled_to_preference_table,
     save_preference_table,
     split_transcript,
 )
@@ -178,6 +179,18 @@ def test_load_relabeled_round_trip_and_errors(tmp_path):
     assert df["llm_agrees"].tolist() == [True, False]
     assert df["human_label"].tolist() == [1, 0] and df["llm_label"].tolist() == [1, 1]
     assert df.attrs["load_report"].skipped == {"missing field": [3], "bad label": [4, 6], "empty response": [5]}
+
+
+def test_relabeled_to_preference_table_round_trip(tmp_path):
+    path = _write_lines(tmp_path / "rel.jsonl", [_relabeled("Human: hi", "A", "B", 1, 1), _relabeled("Human: yo", "C", "D", 0, 1)])
+    table = relabeled_to_preference_table(load_relabeled(path))
+    assert table["chosen"].tolist() == ["B", "C"]
+    assert table["chosen_preference"].tolist() == [1.0, 0.0]  # GPT-3.5 agrees on the first pair only
+    assert table["rejected_preference"].tolist() == [0.0, 1.0]
+    back = load_preference_table(save_preference_table(table, tmp_path / "pref.parquet"))
+    pd.testing.assert_frame_equal(back.drop(columns="line"), table, check_dtype=False)
+    with pytest.raises(ValueError, match="load_relabeled frame"):
+        relabeled_to_preference_table(table.drop(columns="chosen"))
 
 
 # --------------------------------------------------------------------------- preference tables
