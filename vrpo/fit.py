@@ -43,9 +43,13 @@ class FitResult:
     cov : (..., d, d) sandwich estimate of ``Cov(theta_hat)`` (= V / n), clustered by
         prompt when extra pairs share the labelled prompt.
     lam : (...,) the ``lam`` used (the power-tuned value for ``lam="auto"``).
-    converged : (...,) bool; ``False`` flags non-convergence (separable or nearly
-        separable samples, or a non-convex objective for ``lam > 1``). ``theta``
-        is then the last finite iterate, never inf/NaN.
+    converged : (...,) bool; ``False`` flags a fit without a finite minimiser or one
+        that did not converge: separable samples (BT-MLE), or, for ``lam > 0``, an
+        objective unbounded below in this sample (the labelled pairs carry only
+        ``1 - lam`` of the curvature, none at ``lam = 1``, so with a poor ``g`` the
+        linear correction term can dominate), or a non-convex objective
+        (``lam > 1``). ``theta`` is then the last iterate with
+        ``max|theta| <= 1e6`` (finite, not an estimate) and ``cov`` is NaN.
     n_iter : (...,) Newton iterations used (the final fit for ``lam="auto"``).
     hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich: pooled
         over labelled and extra pairs, labelled pairs only where ``lam == 0``.
@@ -269,9 +273,9 @@ def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
 
     Each iteration evaluates value, gradient and Hessian once, at the full Newton
     step; only replications failing the Armijo test backtrack. Converged when the
-    step satisfies ``max|step| <= tol (1 + max|theta|)``; a replication whose
-    ``max|theta|`` passes ``theta_max`` stops as not converged (unbounded
-    objective), as does one whose line search fails. Finished replications are
+    step satisfies ``max|step| <= tol (1 + max|theta|)``; a replication whose next
+    full step would take ``max|theta|`` past ``theta_max`` stops at its last iterate
+    as not converged (unbounded objective), as does one whose line search fails. Finished replications are
     dropped from the working set once they are the majority. Returns
     ``(theta, converged, n_iter)``.
     """
@@ -290,8 +294,12 @@ def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
         bad = ~(slope < 0)  # non-descent (possible only for lam > 1): gradient step
         step[bad] = -grad[bad]
         slope[bad] = -np.sum(grad[bad] ** 2, axis=-1)
-        step[~live] = 0.0
-        slope[~live] = 0.0
+        # A full step beyond theta_max means the objective is unbounded below along a
+        # direction (separation for the MLE; for lam > 0 also a finite-sample property
+        # of L_VR): stop that replication at its last iterate instead of stepping.
+        over = live & (np.max(np.abs(th + step), axis=-1) > theta_max)
+        step[~live | over] = 0.0
+        slope[~live | over] = 0.0
         cand = th + step
         fc, gc, hc = _eval(work, cand, ridge, 2)
         ok = ~live | _armijo(fc, f, 1.0, slope)
@@ -320,9 +328,8 @@ def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
         th, f, grad, hess = cand, fc, gc, hc
         n_iter[widx[live]] = it
         done = live & ~failed & ((moved <= tol * (1.0 + np.max(np.abs(th), axis=-1))) | (np.abs(slope) < 1e-30))
-        # |theta| beyond theta_max: the objective is unbounded below along a direction
-        # (separation for the MLE; for lam > 0 also a finite-sample property of L_VR).
-        stop = done | (live & (failed | (np.max(np.abs(th), axis=-1) > theta_max)))
+        done &= ~over
+        stop = done | (live & (failed | over))
         converged[widx[done]] = True
         live &= ~stop
         theta[widx] = th
@@ -482,13 +489,19 @@ def fit_bt(
     blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
     theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
     converged &= conv_p
-    parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
-    cov = parts.cov(lam_f)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
+        cov = parts.cov(lam_f)
+    # No minimiser, no sandwich: the covariance of a non-converged fit is NaN by
+    # definition (flagged in .converged and by the warning), never a meaningless number.
+    cov[~converged] = np.nan
     if warn and not np.all(converged):
         k = int(np.sum(~converged))
         warnings.warn(
-            f"fit_bt: {k} of {R} replication(s) did not converge in {max_iter} Newton steps "
-            "(separable or nearly separable samples?); they are flagged in .converged",
+            f"fit_bt: {k} of {R} replication(s) have no finite minimiser or did not converge in {max_iter} "
+            "Newton steps: separable samples, or (lam > 0) an objective unbounded below because the "
+            "labelled pairs carry weight (1 - lam) of the curvature and a poor g lets the linear "
+            "correction term dominate. They are flagged in .converged; their cov is NaN",
             ConvergenceWarning,
             stacklevel=2,
         )
