@@ -12,6 +12,7 @@ __all__ = ["write_report", "FIGURE", "FRAGMENT"]
 
 FIGURE = "llm_policy_summary.png"
 FRAGMENT = "sections/llm_policy.md"
+SHORT = {"pi_ref": "pi_ref", "dpo_trained": "DPO fit", "vrpo_trained": "VRPO fit"}
 
 
 def _savefig(fig, path: Path) -> None:
@@ -66,7 +67,7 @@ def make_figure(results: dict, path: Path) -> None:
             ax[1].errorbar(pos + 0.25, ci["mean"], yerr=[[ci["mean"] - max(ci["lo"], 1e-30)], [ci["hi"] - ci["mean"]]],
                            fmt="s", color="k", capsize=3)
             ticks.append(pos)
-            labels.append(f"{m.upper()}\n@ {where}")
+            labels.append(f"{m.upper()}\nat\n{SHORT.get(where, where)}")
             pos += 1
         ax[1].text(pos - 1.5, 0.97, f"VRPO/DPO {p['ratio']:.2f}\n[{p['ratio_lo']:.2f}, {p['ratio_hi']:.2f}]",
                    ha="center", va="top", fontsize=8, transform=ax[1].get_xaxis_transform())
@@ -140,7 +141,7 @@ def fragment(results: dict) -> str:
         "",
         "_(a) implicit-reward accuracy on held-out human labels and judged win rates of sampled generations "
         f"({c['gen_samples']} per prompt, win = higher judge reward, averaged within a prompt, CI across prompts); "
-        "(b) the gradient-variance probe: at fixed parameters (`pi_ref`, and the trained DPO policy), each dot is an "
+        "(b) the gradient-variance probe: at fixed parameters (`pi_ref`, the trained DPO and the trained VRPO policy), each dot is an "
         "unbiased estimate `||G_1 - G_2||^2 / 2` of the trace of the covariance of minibatch gradients from a pair of "
         "independent minibatches, for the DPO and the VRPO objective on the same minibatches; ratio with a bootstrap "
         "CI; (c) share of positive labelled margins per training minibatch._",
@@ -148,9 +149,12 @@ def fragment(results: dict) -> str:
         "**Reading.** " + _reading(results),
         "",
         f"Run time {t['total_s'] / 60:.1f} min wall-clock"
-        + (f", {t['total_cpu_s'] / 60:.1f} min of process CPU time (load average at the end "
-           f"{t['load_avg_1_5_15'][0]:.1f}: the machine was shared)" if "total_cpu_s" in t else "")
-        + f" on {os.cpu_count()} CPU cores (wall: SFT {t['sft_s']:.0f}s, aux sampling "
+        + (f", {t['total_cpu_s'] / 60:.1f} min of process CPU time (1-min load average at the end "
+           f"{t['load_avg_1_5_15'][0]:.1f})" if "total_cpu_s" in t else "")
+        + f" on {os.cpu_count()} CPU cores (wall: SFT "
+        + (f"cached from an earlier invocation{' where it took ' + format(t['sft_train_wall_s'], '.0f') + 's' if 'sft_train_wall_s' in t else ''}"
+           if t.get("sft_cached_from_earlier_run") else f"{t['sft_s']:.0f}s")
+        + f", aux sampling "
         f"{t['aux_s']:.0f}s, DPO {t['train_dpo_s']:.0f}s, VRPO {t['train_vrpo_s']:.0f}s, evaluation "
         f"{t['eval_s']:.0f}s).",
         "",
@@ -170,12 +174,22 @@ def _reading(results: dict) -> str:
         else:
             verdict = "not distinguishable from DPO's (CI covers 1)"
         out.append(f"at {where.replace('_', ' ')} the VRPO minibatch-gradient variance is {verdict}, "
-                   f"ratio {p['ratio']:.2f}")
+                   f"ratio {p['ratio']:.2f} (norm of the mean gradient: DPO {p['mean_grad_norm_dpo']:.2f}, "
+                   f"VRPO {p['mean_grad_norm_vrpo']:.2f})")
     text = "Gradient variance: " + "; ".join(out) + ". "
     text += (
         "Per pair, DPO's gradient is `-(1 - sigma(delta)) grad delta` and VRPO's "
         "`-(1 - g) grad delta + lam (sigma(delta_aux) - g_aux) grad delta_aux`: it is smaller only where `g` is "
-        "closer to the human label than `sigma(delta)` is, and the extra pair adds a term of its own; here `g` "
+        "closer to the human label than `sigma(delta)` is, and the extra pair adds a term of its own. "
+    )
+    if any(p["ratio_lo"] > 1 for p in results["gradient_variance"].values()):
+        text += (
+            "Away from `pi_ref`, DPO's coefficient `1 - sigma(delta)` shrinks on the pairs it fits while VRPO's "
+            "`1 - g` does not, and the extra pair's `sigma(delta_aux) - g_aux` is no longer centred at `1/2 - g_aux`; "
+            "with `lam = 1` fixed (not tuned as in VR-auto) nothing keeps the correction from adding variance. "
+        )
+    text += (
+        "Here `g` "
         f"agrees with held-out human labels on {q['g_eval_acc']:.1%} of pairs. "
     )
     d = results["implicit_reward_accuracy"]["vrpo_minus_dpo"]
@@ -195,13 +209,54 @@ def _reading(results: dict) -> str:
     return text
 
 
-def write_report(results: dict, fig_dir: Path) -> None:
-    """``fig_dir/llm_policy_summary.png`` (+ .pdf) and ``fig_dir/sections/llm_policy.md``."""
+def cost_section(bench: dict) -> str:
+    """Markdown table of a ``vrpo policy-bench`` result (step time and peak memory ratios)."""
+    st, v = bench["settings"], bench["variants"]
+    dev = next(iter(v.values()))["device"]
+    model = st.get("model") or f"random GPT-2 ({st['n_layer']} layers, width {st['n_embd']}, vocab {st['vocab']})"
+    lines = [
+        "### Cost of VRPO vs DPO (`vrpo policy-bench`)",
+        "",
+        f"{model}, batch {st['batch_size']}, prompts <= {st['prompt_tokens']} and responses <= "
+        f"{st['response_tokens']} tokens (lengths drawn once, shared by all variants), {st['precision']}, {dev}, "
+        f"{bench['cpu_count']} CPU cores; {st.get('rounds', 1)} interleaved rounds of {st['steps']} timed steps "
+        "(forward, loss, backward, AdamW). Step time: minimum over steps and rounds (median in brackets); peak "
+        "memory: growth of peak RSS (CPU) or max allocated (GPU) in a fresh process.",
+        "",
+        "| variant | step time (ms) | peak memory (MiB) |",
+        "|---|---|---|",
+    ]
+    for name, x in v.items():
+        lines.append(f"| {name} | {x['step_s_min'] * 1e3:.0f} ({x['step_s_median'] * 1e3:.0f}) | "
+                     f"{x['peak_mem_mb']:.0f} |")
+    lines += ["", "| ratio | step time | peak memory | target (time) |", "|---|---|---|---|"]
+    targets = {"vrpo_naive_over_dpo_naive": "<= 1.6", "vrpo_shared_over_dpo_naive": "<= 1.1"}
+    for k, r in bench["ratios"].items():
+        lines.append(f"| {k.replace('_', ' ')} | {r['step_time_min']:.2f} ({r['step_time_median']:.2f}) | "
+                     f"{r['peak_mem']:.2f} | {targets.get(k, '')} |")
+    lines += ["", "Naive VRPO runs four full prompt + response rows per example against DPO's two; the "
+              "shared-prompt path encodes the prompt once and continues it with the 2 or 4 responses "
+              "(gradients flow through the prompt's keys and values; loss equal to the naive path, tested).", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, fig_dir: Path, bench_path: str | os.PathLike | None = None) -> None:
+    """``fig_dir/llm_policy_summary.png`` (+ .pdf) and ``fig_dir/sections/llm_policy.md``.
+
+    The cost table is added from ``bench_path`` (default ``<results_dir>/../policy_bench.json``,
+    written by ``vrpo policy-bench``) when that file exists.
+    """
+    import json
+
     fig_dir = Path(fig_dir)
     make_figure(results, fig_dir / FIGURE)
+    text = fragment(results)
+    bench_path = Path(bench_path) if bench_path else Path(results["config"]["results_dir"]).parent / "policy_bench.json"
+    if bench_path.exists():
+        text += "\n" + cost_section(json.loads(bench_path.read_text()))
     out = fig_dir / FRAGMENT
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(fragment(results))
+        f.write(text)
     os.replace(tmp, out)

@@ -178,3 +178,21 @@ def test_vrpo_needs_aux_pairs(toy):
     with pytest.raises(ValueError, match="extra pair"):
         _new(tok, bare, lam=1.0)
     _new(tok, bare, lam=0.0)  # DPO does not
+
+
+def test_real_checkpoint_path_from_pretrained(toy, tmp_path):
+    """The Pythia/Qwen path: AutoModelForCausalLM/AutoTokenizer.from_pretrained on a saved (tiny) checkpoint,
+    then a VRPO step; a tokenizer without a pad token gets pad = EOS."""
+    from llm.tiny_lm import load_causal_lm
+
+    tok, data = toy
+    model = tiny_gpt2(len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=64, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = load_causal_lm(str(tmp_path), dtype="float32")
+    assert tok2.pad_token_id == tok.pad_token_id
+    assert torch.equal(_params(loaded), _params(model))
+    tr = VRPOTrainer(loaded, data, TrainerConfig(lam=1.0, batch_size=4, max_steps=1, progress=False),
+                     pad_id=tok2.pad_token_id)
+    rec = tr.train_step()
+    assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
