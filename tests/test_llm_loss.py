@@ -26,6 +26,8 @@ from vrpo.loss import logistic_loss  # noqa: E402
 # rounding differences are ~1e-6 per token.
 FP32_LOGP_ATOL = 1e-4
 FP32_GRAD_RTOL = 1e-4
+# bf16 autocast (8-bit mantissa, fp32 log-softmax and sums): relative error ~2^-8 of the summed log-prob
+BF16_LOGP_RTOL = 2 ** -7
 VOCAB = 97
 PAD = 0
 
@@ -62,6 +64,20 @@ def test_naive_and_shared_prompt_logps_match_one_at_a_time():
     assert naive.shape == (3, 4)
     torch.testing.assert_close(naive, ref, atol=FP32_LOGP_ATOL, rtol=0)
     torch.testing.assert_close(shared, ref, atol=FP32_LOGP_ATOL, rtol=0)
+
+
+def test_paths_agree_under_bf16_autocast():
+    model = _model().eval()
+    batch = _random_batch(B=4, K=4, seed=3)
+    with torch.no_grad():
+        f32 = sequence_logps_naive(model, batch, PAD)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            naive = sequence_logps_naive(model, batch, PAD)
+            shared = sequence_logps_shared_prompt(model, batch, PAD)
+    tol = BF16_LOGP_RTOL * f32.abs().max().item()
+    torch.testing.assert_close(naive, f32, atol=tol, rtol=0)
+    torch.testing.assert_close(shared, f32, atol=tol, rtol=0)
+    torch.testing.assert_close(shared, naive, atol=tol, rtol=0)
 
 
 def test_shared_prompt_gradient_equals_naive_gradient():
