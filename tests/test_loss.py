@@ -102,3 +102,13 @@ def test_numpy_and_torch_give_the_same_loss():
     a = vr_objective(*args, lam=0.8)
     b = vr_objective(*(torch.tensor(x) for x in args), lam=0.8)
     assert float(b) == pytest.approx(float(a), rel=1e-12)
+
+
+def test_vr_objective_lam_zero_as_array_or_tensor():
+    rng = np.random.default_rng(6)
+    delta, Z = rng.normal(size=8), rng.random(8)
+    want = np.mean(logistic_loss(delta, Z))
+    assert vr_objective(delta, Z, lam=np.array(0.0)) == pytest.approx(want, rel=RTOL)
+    torch = pytest.importorskip("torch")
+    got = vr_objective(torch.tensor(delta), torch.tensor(Z), lam=torch.tensor(0.0))
+    assert float(got) == pytest.approx(want, rel=RTOL)

@@ -94,6 +94,14 @@ def pairwise_loss(delta, q, kind: str = "logistic"):
     return fn(delta, q)
 
 
+def _is_zero(lam) -> bool:
+    """``lam == 0`` for Python numbers, 0-d arrays and one-element tensors alike."""
+    try:
+        return float(lam) == 0.0
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def _mean(x):
     return x.mean() if _is_torch(x) else np.mean(x)
 
@@ -114,7 +122,7 @@ def vr_objective(delta, Z, g=None, delta_aux=None, g_aux=None, lam=1.0, kind: st
     ignored); ``lam = 1`` the paper's VR/VRPO objective. Returns a scalar.
     """
     base = _mean(pairwise_loss(delta, Z, kind))
-    if isinstance(lam, (int, float)) and lam == 0:
+    if _is_zero(lam):
         return base
     if g is None or delta_aux is None or g_aux is None:
         raise ValueError("vr_objective with lam != 0 needs g, delta_aux and g_aux")
