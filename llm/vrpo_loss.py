@@ -31,7 +31,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vrpo.loss import sigmoid, vr_objective
 
