@@ -282,8 +282,8 @@ def fig_g_quality(fs: FigureSet, formats):
            f"{_reps_text(summ)} paired replications (95% intervals) with the predicted ratio as a bar; values above 1 "
            "mean VR is worse than the MLE. 'n.c.' counts fits flagged as not converged (unbounded VR objective), "
            "excluded. Bottom: the lam actually used (1, or the mean data-tuned value) and the population optimum "
-           "clipped to [0, 1]. For `self`, VR equals the MLE for every lam and the data-tuned lam is 0/0 (rounding "
-           "noise); for `learned:5` the theory is that of the limiting g, while the cross-fitted g at this n is much "
+           "clipped to [0, 1]. For `self`, VR equals the MLE for every lam; the correction has no variance, so the "
+           "data-tuned lam is set to 0; for `learned:5` the theory is that of the limiting g, while the cross-fitted g at this n is much "
            f"noisier, hence its smaller data-tuned lam. Sweep `gquality` (seed {cfg.seed}).")
     return paths, cap
 
@@ -486,6 +486,8 @@ def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: in
         fs.timings[f"theory:{name}"] = time.time() - ts
         if name == "gquality":
             fs.data["self_maxdiff"] = _self_maxdiff(df)
+            auto = df[(df["g"] == "self") & (df["method"] == "vr-auto")]["lam"]
+            fs.data["self_auto_lam"] = float(auto.mean()) if len(auto) else None
         if name == "main":
             fs.data["win_star"] = _win_star(cfg, meta)
     fs.timings["sweeps_and_theory"] = time.time() - t0

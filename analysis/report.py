@@ -13,13 +13,13 @@ import datetime as _dt
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import vrpo
+from sim.fileio import atomic_path
 
 from .compare import CHECKS, Z_FLAG, agreement_summary
 
@@ -337,8 +337,8 @@ def _findings(fs) -> list[str]:
                        f"{_f(vr.loc['self', 'var_ratio_th'], '{:.4f}')} and its fits equal the MLE's to "
                        f"{_f(md, '{:.1e}')} (largest coordinate difference over all replications): the MLE solves the VR "
                        "estimating equation when g is the MLE's own sigma(theta_hat . X), so VR with `self` g is the "
-                       "MLE for every lam. (The lam that VR-auto reports for `self` is numerically meaningless, "
-                       "0/0 in the PPI++ formula, and irrelevant for the same reason.)")
+                       "MLE for every lam. (Its correction term has no variance, so VR-auto reports lam = 0 "
+                       f"(mean {_f(fs.data.get('self_auto_lam'), '{:.2f}')} here).)")
         if "learned:5" in vr.index:
             r = vr.loc["learned:5"]
             out.append(f"- **A learned g (`learned:5`)** gives a predicted ratio {_f(r.var_ratio_th)} (simulated "
@@ -440,10 +440,6 @@ def render_report(fs) -> str:
 def write_report(fs, path=None) -> Path:
     """Write the report atomically to ``path`` (default ``<out_dir>/REPORT.md``)."""
     path = Path(path) if path else Path(fs.out_dir) / "REPORT.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write(render_report(fs))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
     return path
