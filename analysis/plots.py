@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from sim.fileio import atomic_path  # noqa: E402
 
 METHOD_STYLE = {
     "mle": dict(color="#444444", marker="o", label="BT-MLE"),
@@ -28,19 +28,11 @@ def method_style(method: str) -> dict:
 def save_figure(fig, path, formats=("png",)) -> list[Path]:
     """Save ``fig`` atomically under ``path`` (suffix replaced per format); returns the paths."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for fmt in formats:
         target = path.with_suffix("." + fmt)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp." + fmt)
-        os.close(fd)
-        try:
+        with atomic_path(target, suffix="." + fmt) as tmp:
             fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are shared files
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         out.append(target)
     plt.close(fig)
     return out

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ import vrpo
 from sim.aux_models import make_aux, quadratic_pair_features
 from sim.bandit import Bandit, BanditSpec, Contexts
 from sim.data import PairData
+from sim.fileio import atomic_path
 from sim.policy import log_policy_linear
 from sim.population import all_pairs
 from sim.scenarios import make_scenario
@@ -409,10 +408,7 @@ def theory_cached(spec: BanditSpec, scenario: str, gs, M: int = 4, aux_prompts: 
         for g, t in zip(missing, res):
             out[g] = t
             if cache_dir is not None:
-                cache_dir.mkdir(parents=True, exist_ok=True)
                 f = cache_dir / f"{_theory_key(spec, scenario, g, M, aux_prompts, n_ctx, n_batches, theta_star)}.json"
-                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-                with os.fdopen(fd, "w") as fh:
+                with atomic_path(f) as tmp, open(tmp, "w") as fh:
                     json.dump(t.to_dict(), fh)
-                os.replace(tmp, f)
     return {g: out[g] for g in gs}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from sim.fileio import atomic_path
 
 from .trainer import model_fingerprint
 
@@ -104,9 +105,6 @@ def aux_responses(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
         return blob["a_1"], blob["a_2"]
     pairs = sample_responses(model, tokenizer, prompts, 2, cfg, progress=progress, desc="a_1, a_2 ~ pi_ref")
     blob = {"config": asdict(cfg), "n_prompts": len(prompts), "a_1": [p[0] for p in pairs], "a_2": [p[1] for p in pairs]}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(blob, f)
-    os.replace(tmp, path)
     return blob["a_1"], blob["a_2"]

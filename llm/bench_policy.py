@@ -23,9 +23,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from sim.fileio import atomic_path
 
 __all__ = ["VARIANTS", "run_variant", "run_benchmark"]
 
@@ -155,11 +156,8 @@ def run_benchmark(settings: dict) -> dict:
                          for k, (a, b, cc, mm) in ratios.items()},
               "cpu_count": os.cpu_count(), "load_avg_after": os.getloadavg()}
     out = Path(s.get("out") or "results/policy_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(out) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, out)
     print(f"written {out}")
     return result
 

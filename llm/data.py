@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,14 +28,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-
-
-def _umask_mode() -> int:
-    """``0o666`` minus the process umask: the mode a plain ``open(..., "w")`` would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
+from sim.fileio import atomic_path
 
 __all__ = [
     "ASSISTANT",
@@ -492,11 +484,8 @@ def save_preference_table(df: pd.DataFrame, path) -> Path:
     Format by suffix: ``.jsonl``, ``.jsonl.gz``, ``.parquet`` or ``.csv``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         plain = df.copy()
         plain.attrs = {}
         if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
@@ -510,12 +499,6 @@ def save_preference_table(df: pd.DataFrame, path) -> Path:
             plain.to_csv(tmp, index=False)
         else:
             raise ValueError(f"{path}: unknown table format (use .jsonl[.gz], .parquet or .csv)")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

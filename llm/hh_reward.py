@@ -31,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,16 +42,8 @@ import pandas as pd
 from scipy.special import expit
 from scipy.stats import norm
 
+from sim.fileio import atomic_path
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
-
-
-
-def _umask_mode() -> int:
-    """``0o666`` minus the process umask: the mode a plain ``open(..., "w")`` would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
 
 __all__ = [
     "HHRewardConfig",
@@ -452,31 +442,13 @@ def agreement_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix[1:])
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(cfg: HHRewardConfig, write: bool = True) -> dict:

@@ -30,12 +30,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sim.fileio import atomic_path
 
 __all__ = ["DemoConfig", "smoke_config", "run", "default_data_path"]
 
@@ -128,11 +129,8 @@ def smoke_config(**over) -> DemoConfig:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _splits(n_total: int, cfg: DemoConfig) -> dict[str, np.ndarray]:

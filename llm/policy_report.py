@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sim.fileio import atomic_path
 
 __all__ = ["write_report", "FIGURE", "FRAGMENT"]
 
@@ -16,12 +17,9 @@ SHORT = {"pi_ref": "pi_ref", "dpo_trained": "DPO fit", "vrpo_trained": "VRPO fit
 
 
 def _savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     for ext in (".png", ".pdf"):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=ext + ".tmp")
-        os.close(fd)
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext[1:])
-        os.replace(tmp, path.with_suffix(ext))
+        with atomic_path(path.with_suffix(ext), suffix=ext) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext[1:])
 
 
 def _smooth(x, k=10):
@@ -254,9 +252,5 @@ def write_report(results: dict, fig_dir: Path, bench_path: str | os.PathLike | N
     bench_path = Path(bench_path) if bench_path else Path(results["config"]["results_dir"]).parent / "policy_bench.json"
     if bench_path.exists():
         text += "\n" + cost_section(json.loads(bench_path.read_text()))
-    out = fig_dir / FRAGMENT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(fig_dir / FRAGMENT) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, out)

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from sim.fileio import atomic_path
+
 __all__ = ["EOS", "train_bpe_tokenizer", "tiny_gpt2", "load_causal_lm", "encode_pair_texts", "sft", "atomic_save"]
 
 EOS = "<|endoftext|>"
@@ -24,17 +26,8 @@ EOS = "<|endoftext|>"
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, then ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096, save_dir: str | os.PathLike | None = None):

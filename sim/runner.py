@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from .aux_models import make_aux
 from .bandit import Bandit
 from .config import ExperimentConfig, parse_method
 from .data import PairData, sample_pairs
+from .fileio import atomic_path
 from .policy import log_policy_linear, regret, win_rate
 from .population import Population, make_population
 from .scenarios import make_scenario
@@ -157,10 +157,7 @@ def run_cell_chunk(cfg: ExperimentConfig, task: _Task, pop: Population) -> pd.Da
 def write_table(df: pd.DataFrame, path, meta: dict) -> None:
     """Atomically write ``df`` with ``meta`` embedded (parquet metadata or CSV ``#`` header)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         blob = json.dumps(meta, sort_keys=True, default=_json_default)
         if path.suffix == ".csv":
             with open(tmp, "w") as f:
@@ -177,10 +174,6 @@ def write_table(df: pd.DataFrame, path, meta: dict) -> None:
             pq.write_table(table.replace_schema_metadata(md), tmp)
         else:
             raise ValueError(f"results file must end in .parquet or .csv, got {path}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _json_default(o):
