@@ -49,12 +49,13 @@ class ExperimentConfig:
 
     name: str = "default"
     scenarios: tuple[str, ...] = ("bt", "mixture:1.0")
-    d: int = 4
-    K: int = 8
-    dx: int = 4
-    scale: float = 6.0
-    beta: float = 1.0
-    pi_ref: str = "uniform"
+    # the bandit's structure (defaults are BanditSpec's own)
+    d: int = BanditSpec.d
+    K: int = BanditSpec.K
+    dx: int = BanditSpec.dx
+    scale: float = BanditSpec.scale
+    beta: float = BanditSpec.beta
+    pi_ref: str = BanditSpec.pi_ref
     n: tuple[int, ...] = (250, 500, 1000, 2000)
     M: int = 4
     aux_prompts: str = "same"
