@@ -211,3 +211,15 @@ def test_plugin_scenario_from_the_readme_runs_via_cli(tmp_path, capsys):
     sc = make_scenario("saturating:0", b)
     x, a, c = np.zeros((5, 4)), np.random.default_rng(0).normal(size=(5, 3)), np.zeros((5, 3))
     np.testing.assert_allclose(sc.p_star(x, a, c), 1 / (1 + np.exp(-(a @ b.theta_0))), rtol=1e-9)
+
+
+def test_cli_reports_bad_configuration_in_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("VRPO_TRACEBACK", raising=False)
+    assert cli_main(["run", "--scenarios", "flip:0.9", "--reps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "vrpo run: error: scenario 'flip': kappa must lie in [0.0, 0.4999], got 0.9"
+    assert cli_main(["run", "--scenarios", "nope"]) == 2
+    assert "unknown scenario 'nope'; registered: bt" in capsys.readouterr().err
+    monkeypatch.setenv("VRPO_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        cli_main(["run", "--scenarios", "nope"])
