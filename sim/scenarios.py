@@ -94,31 +94,36 @@ class BT(Scenario):
     """Well specified: ``p* = sigma(du)``; ``kappa`` is ignored. VR must not help."""
 
 
-@register_scenario("probit")
-class Probit(Scenario):
-    """Thurstone annotators: ``(1-kappa) sigma(du) + kappa Phi(du / c)``, ``c = 1``."""
+class _LinkBlend(Scenario):
+    """``(1 - kappa) sigma(du) + kappa F(du)`` for an antisymmetric link CDF ``F`` (``link``)."""
 
-    name = "probit"
     default_kappa = 1.0
     kappa_range = (0.0, 1.0)
-    c = 1.0
+
+    def link(self, du):
+        raise NotImplementedError
 
     def p_star(self, x, phi1, phi2):
         du = self.du(phi1, phi2)
-        return (1 - self.kappa) * sigmoid(du) + self.kappa * norm.cdf(du / self.c)
+        return (1 - self.kappa) * sigmoid(du) + self.kappa * self.link(du)
+
+
+@register_scenario("probit")
+class Probit(_LinkBlend):
+    """Thurstone annotators: ``(1-kappa) sigma(du) + kappa Phi(du / c)``, ``c = 1``."""
+
+    c = 1.0
+
+    def link(self, du):
+        return norm.cdf(du / self.c)
 
 
 @register_scenario("heavy-tail")
-class HeavyTail(Scenario):
+class HeavyTail(_LinkBlend):
     """Occasional wild judgements: ``(1-kappa) sigma(du) + kappa F_Cauchy(du)``."""
 
-    name = "heavy-tail"
-    default_kappa = 1.0
-    kappa_range = (0.0, 1.0)
-
-    def p_star(self, x, phi1, phi2):
-        du = self.du(phi1, phi2)
-        return (1 - self.kappa) * sigmoid(du) + self.kappa * cauchy.cdf(du)
+    def link(self, du):
+        return cauchy.cdf(du)
 
 
 @register_scenario("mixture")
