@@ -26,9 +26,11 @@ from sim.summary import summarize, theta_cols
 
 from sim.runner import eval_contexts  # re-exported: the runner's evaluation contexts
 
+from vrpo_common.stats import paired_ratio, sq_dev
+
 from .theory import PopulationTheory, policy_G, theory_cached
 
-__all__ = ["Z_FLAG", "eval_contexts", "sweep_theories", "compare_table", "paired_ratio", "agreement_summary"]
+__all__ = ["Z_FLAG", "eval_contexts", "sweep_theories", "compare_table", "agreement_summary"]
 
 Z_FLAG = 3.0
 
@@ -52,23 +54,6 @@ def sweep_theories(cfg: ExperimentConfig, meta: dict, *, n_ctx: int = 20000, n_b
         ev = eval_contexts(cfg, s)
         G_eval[s] = policy_G(th, ev.phi, ev.log_pi_ref, cfg.beta)
     return theories, G_eval
-
-
-def paired_ratio(num, den) -> tuple[float, float]:
-    """``mean(num) / mean(den)`` over paired replications and its delta-method SE."""
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    R = len(num)
-    if R < 3:
-        return np.nan, np.nan
-    a, b = num.mean(), den.mean()
-    C = np.cov(np.stack([num, den]), ddof=1)
-    var = (C[0, 0] / b**2 - 2 * a * C[0, 1] / b**3 + a**2 * C[1, 1] / b**4) / R
-    return float(a / b), float(np.sqrt(max(var, 0.0)))
-
-
-def _sqdev(theta):
-    R = theta.shape[0]
-    return np.sum((theta - theta.mean(axis=0)) ** 2, axis=-1) * R / (R - 1)
 
 
 def _z(a, sa, b, sb):
@@ -113,7 +98,7 @@ def compare_table(df: pd.DataFrame, cfg: ExperimentConfig, theories: dict, G_eva
             ok = a.index.intersection(b.index)
             ok = ok[a.loc[ok, "converged"].to_numpy(bool) & b.loc[ok, "converged"].to_numpy(bool)]
             a, b = a.loc[ok], b.loc[ok]
-            row["var_ratio_sim"], row["var_ratio_sim_se"] = paired_ratio(_sqdev(a[tc].to_numpy()), _sqdev(b[tc].to_numpy()))
+            row["var_ratio_sim"], row["var_ratio_sim_se"] = paired_ratio(sq_dev(a[tc].to_numpy()), sq_dev(b[tc].to_numpy()))
             row["regret_ratio_sim"], row["regret_ratio_sim_se"] = paired_ratio(a["regret"], b["regret"])
             G0 = float(np.trace(G @ t.V(0.0)))
             row.update(var_ratio_th=t.trV(lam) / t.trV(0.0), var_ratio_th_se=t.ratio_se(method, "trV"),

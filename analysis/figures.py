@@ -28,6 +28,7 @@ import pandas as pd
 
 from sim.config import ExperimentConfig
 from sim.summary import summarize
+from vrpo_common.stats import Z95
 
 from .compare import compare_table, sweep_theories
 from .plots import method_style, save_figure
@@ -139,7 +140,7 @@ def _reps_text(summ) -> str:
 
 
 def _err(v):
-    return 1.96 * np.asarray(v, float)
+    return Z95 * np.asarray(v, float)
 
 
 # --------------------------------------------------------------------------- F1

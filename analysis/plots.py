@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sim.fileio import atomic_path  # noqa: E402
+from vrpo_common.fileio import atomic_path  # noqa: E402
+from vrpo_common.stats import Z95  # noqa: E402
 
 METHOD_STYLE = {
     "mle": dict(color="#444444", marker="o", label="BT-MLE"),
@@ -56,7 +57,7 @@ def plot_regret_vs_n(summ: pd.DataFrame, path, formats=("png",), theory: pd.Data
             for method, grp in sub.groupby("method", sort=False):
                 grp = grp.sort_values("n")
                 st = method_style(method)
-                ax.errorbar(grp["n"], grp["regret"], yerr=1.96 * grp["regret_se"], capsize=3, lw=1.5, ms=5, **st)
+                ax.errorbar(grp["n"], grp["regret"], yerr=Z95 * grp["regret_se"], capsize=3, lw=1.5, ms=5, **st)
                 if theory is not None:
                     th = theory[(theory["scenario"] == s) & (theory["method"] == method)
                                 & ((theory["g"] == g) | (theory["g"] == "none"))]

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 import vrpo
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
+from vrpo_common.stats import Z95
 
 from .compare import CHECKS, Z_FLAG, agreement_summary
 
@@ -352,8 +353,8 @@ def _findings(fs) -> list[str]:
         sm = fs.summaries["main"]
         w = sm[sm["method"] != "mle"]
         dev = (w["win_mle"] - 0.5)
-        pos = int(((dev - 1.96 * w["win_mle_se"]) > 0).sum())
-        neg = int(((dev + 1.96 * w["win_mle_se"]) < 0).sum())
+        pos = int(((dev - Z95 * w["win_mle_se"]) > 0).sum())
+        neg = int(((dev + Z95 * w["win_mle_se"]) < 0).sum())
         out.append(f"- **Win rate under p* (F5).** The VR policies' win rate over the MLE policy differs from 1/2 by at "
                    f"most {_f(dev.abs().max(), '{:.1e}')} (all n, both scenarios); {pos} of {len(w)} cells are "
                    f"significantly above 1/2 and {neg} significantly below (95%). A 15% lower parameter variance "

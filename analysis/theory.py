@@ -48,7 +48,7 @@ import vrpo
 from sim.aux_models import make_aux, quadratic_pair_features
 from sim.bandit import Bandit, BanditSpec, Contexts
 from sim.data import PairData
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 from sim.policy import log_policy_linear
 from sim.population import all_pairs
 from sim.scenarios import make_scenario

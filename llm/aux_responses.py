@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 from .trainer import model_fingerprint
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 __all__ = ["VARIANTS", "run_variant", "run_benchmark"]
 

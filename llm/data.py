@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path, json_default
 
 __all__ = [
     "ASSISTANT",
@@ -492,7 +492,7 @@ def save_preference_table(df: pd.DataFrame, path) -> Path:
             opener = gzip.open if name.endswith(".gz") else open
             with opener(tmp, "wt", encoding="utf-8") as fh:
                 for rec in plain.to_dict(orient="records"):
-                    fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+                    fh.write(json.dumps(rec, ensure_ascii=False, default=json_default) + "\n")
         elif name.endswith(".parquet"):
             plain.to_parquet(tmp, index=False)
         elif name.endswith(".csv"):
@@ -501,15 +501,6 @@ def save_preference_table(df: pd.DataFrame, path) -> Path:
             raise ValueError(f"{path}: unknown table format (use .jsonl[.gz], .parquet or .csv)")
     return path
 
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def skip_counts(df: pd.DataFrame) -> Counter:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 __all__ = [
     "EMBED_DIM",

@@ -35,15 +35,16 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.special import expit
-from scipy.stats import norm
 
-from sim.fileio import atomic_path
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
+from vrpo_common.fileio import json_default, save_figure, write_json, write_text
+from vrpo_common.stats import Z95, paired_ratio, sq_dev
 
 __all__ = [
     "HHRewardConfig",
@@ -64,7 +65,6 @@ AUX_MODELS = ("llm", "learned", "constant")
 METHODS = ("mle", "vr", "auto")
 METHOD_LABEL = {"mle": "MLE", "vr": "VR (lam=1)", "auto": "VR-auto"}
 G_LABEL = {"llm": "GPT-3.5 label", "learned": "learned g (cross-fitted)", "constant": "constant 1/2"}
-Z95 = float(norm.ppf(0.975))
 
 
 def _default_data_dir() -> str:
@@ -269,12 +269,6 @@ def learned_g(F, Z, F_aux, k_folds: int, ridge: float):
 # --------------------------------------------------------------------------- metrics
 
 
-def _paired_ratio(u, v):
-    """``mean(u) / mean(v)`` and its delta-method standard error over paired replications."""
-    r = u.mean() / v.mean()
-    se = np.std(u - r * v, ddof=1) / math.sqrt(len(u)) / v.mean()
-    return float(r), float(se)
-
 
 def _summaries(fit, X_h, Z_h, theta_star):
     """Per-replication quantities of one method: ``dict`` of ``(R, ...)`` arrays."""
@@ -295,11 +289,6 @@ def _summaries(fit, X_h, Z_h, theta_star):
     }
 
 
-def _sq_dev(theta):
-    """``(R,)`` squared distances to the mean, scaled so their mean is ``tr Cov(theta_hat)``."""
-    R = theta.shape[0]
-    return np.sum((theta - theta.mean(axis=0)) ** 2, axis=1) * R / (R - 1)
-
 
 def _row(s, base, meta):
     """Summary row of one method against MLE, over replications where both converged.
@@ -315,12 +304,12 @@ def _row(s, base, meta):
         return dict(meta, reps_used=R, diverged=diverged)
     s = {k: v[ok] for k, v in s.items()}
     base = {k: v[ok] for k, v in base.items()}
-    q, q0 = _sq_dev(s["theta"]), _sq_dev(base["theta"])
+    q, q0 = sq_dev(s["theta"]), sq_dev(base["theta"])
     m = lambda a: float(np.mean(a))  # noqa: E731
     se = lambda a: float(np.std(a, ddof=1) / math.sqrt(R))  # noqa: E731
-    var_ratio, var_ratio_se = _paired_ratio(q, q0)
-    sand_ratio, sand_ratio_se = _paired_ratio(s["sand"], base["sand"])
-    calib, calib_se = _paired_ratio(s["sand"], q)
+    var_ratio, var_ratio_se = paired_ratio(q, q0)
+    sand_ratio, sand_ratio_se = paired_ratio(s["sand"], base["sand"])
+    calib, calib_se = paired_ratio(s["sand"], q)
     return dict(
         meta, reps_used=R, diverged=diverged,
         var_emp=m(q), var_emp_se=se(q),
@@ -441,14 +430,6 @@ def agreement_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def _atomic_savefig(fig, path: Path) -> None:
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix[1:])
 
 
 def run(cfg: HHRewardConfig, write: bool = True) -> dict:
@@ -503,14 +484,14 @@ def write_outputs(cfg: HHRewardConfig, result: dict) -> dict:
     from .hh_reward_report import make_figure, make_fragment
 
     out = Path(cfg.out_dir)
-    _atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=_json_default))
+    write_json(out / "results.json", result, indent=1)
     table = pd.DataFrame(result["rows"])
-    header = "# config: " + json.dumps(result["config"], default=_json_default) + "\n"
-    _atomic_write_text(out / "results.csv", header + table.to_csv(index=False))
+    header = "# config: " + json.dumps(result["config"], default=json_default) + "\n"
+    write_text(out / "results.csv", header + table.to_csv(index=False))
     fig_dir = Path(cfg.fig_dir)
-    paths = make_figure(result, fig_dir, _atomic_savefig)
+    paths = make_figure(result, fig_dir, partial(save_figure, dpi=130, bbox_inches="tight"))
     frag = make_fragment(result, [p for p in paths if p.suffix == ".png"], fig_dir)
-    _atomic_write_text(fig_dir / "sections" / "hh_reward.md", frag)
+    write_text(fig_dir / "sections" / "hh_reward.md", frag)
     return dict(results=out / "results.json", figures=paths, fragment=fig_dir / "sections" / "hh_reward.md")
 
 
@@ -520,19 +501,7 @@ def regenerate(results_json, fig_dir) -> dict:
 
     result = json.loads(Path(results_json).read_text(encoding="utf-8"))
     fig_dir = Path(fig_dir)
-    paths = make_figure(result, fig_dir, _atomic_savefig)
+    paths = make_figure(result, fig_dir, partial(save_figure, dpi=130, bbox_inches="tight"))
     frag = make_fragment(result, [p for p in paths if p.suffix == ".png"], fig_dir)
-    _atomic_write_text(fig_dir / "sections" / "hh_reward.md", frag)
+    write_text(fig_dir / "sections" / "hh_reward.md", frag)
     return dict(figures=paths, fragment=fig_dir / "sections" / "hh_reward.md")
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

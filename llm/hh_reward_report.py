@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vrpo_common.stats import Z95
+
 __all__ = ["make_figure", "make_fragment", "verdict"]
 
 G_ORDER = ("llm", "learned", "constant")
@@ -45,9 +47,9 @@ def make_figure(result: dict, fig_dir: Path, save) -> list[Path]:
             for m, (ls, mk, mlabel) in M_STYLE.items():
                 s = d[(d["g"] == g) & (d["method"] == m)].sort_values("n")
                 kw = dict(color=G_COLOR[g], ls=ls, marker=mk, ms=4, capsize=2, lw=1.3)
-                ax_v.errorbar(s["n"], s["var_ratio"], yerr=1.96 * s["var_ratio_se"], label=f"{G_LABEL[g]}, {mlabel}", **kw)
-                ax_a.errorbar(s["n"], s["acc"], yerr=1.96 * s["acc_se"], **kw)
-        ax_a.errorbar(mle["n"], mle["acc"], yerr=1.96 * mle["acc_se"], color="black", marker="D", ms=4, lw=1.6,
+                ax_v.errorbar(s["n"], s["var_ratio"], yerr=Z95 * s["var_ratio_se"], label=f"{G_LABEL[g]}, {mlabel}", **kw)
+                ax_a.errorbar(s["n"], s["acc"], yerr=Z95 * s["acc_se"], **kw)
+        ax_a.errorbar(mle["n"], mle["acc"], yerr=Z95 * mle["acc_se"], color="black", marker="D", ms=4, lw=1.6,
                       capsize=2, label="MLE")
         ax_a.axhline(info[cell]["theta_star_heldout_acc"], color="black", ls=":", lw=1,
                      label="pool BT projection theta*")

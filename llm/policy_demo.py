@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 __all__ = ["DemoConfig", "smoke_config", "run", "default_data_path"]
 
@@ -294,7 +294,7 @@ def run(cfg: DemoConfig) -> dict:
     t = time.time()
     acc = {m: implicit_reward_accuracy(p, ev_data, ref_eval, cfg.beta, pad) for m, p in policies.items()}
     diff = acc["vrpo"]["correct"] - acc["dpo"]["correct"]
-    from .policy_eval import mean_ci
+    from vrpo_common.stats import mean_ci
 
     acc_diff = mean_ci(diff)
     for m in acc:

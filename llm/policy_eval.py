@@ -4,26 +4,15 @@ gradient-variance probe (the paper's variance claim measured directly on real da
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
-
 import numpy as np
 import torch
+
+from vrpo_common.stats import mean_ci
 
 from .trainer import PreferenceData, compute_ref_logps
 from .vrpo_loss import dpo_margins, sequence_logps, vrpo_objective
 
-__all__ = ["mean_ci", "implicit_reward_accuracy", "win_rate", "gradient_variance_probe"]
-
-Z95 = 1.959963984540054
-
-
-def mean_ci(x: Sequence[float]) -> dict:
-    """Mean with a normal 95% interval from the standard error (``n >= 2``)."""
-    x = np.asarray(x, float)
-    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-    m = float(x.mean())
-    return {"mean": m, "se": se, "lo": m - Z95 * se, "hi": m + Z95 * se, "n": int(len(x))}
+__all__ = ["implicit_reward_accuracy", "win_rate", "gradient_variance_probe"]
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 __all__ = ["write_report", "FIGURE", "FRAGMENT"]
 

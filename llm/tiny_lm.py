@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from sim.fileio import atomic_path
+from vrpo_common.fileio import atomic_path
 
 __all__ = ["EOS", "train_bpe_tokenizer", "tiny_gpt2", "load_causal_lm", "encode_pair_texts", "sft", "atomic_save"]
 

@@ -33,7 +33,7 @@ from .aux_models import make_aux
 from .bandit import Bandit
 from .config import ExperimentConfig, parse_method
 from .data import PairData, sample_pairs
-from .fileio import atomic_path
+from vrpo_common.fileio import atomic_path, json_default
 from .policy import log_policy_linear, regret, win_rate
 from .population import Population, make_population
 from .scenarios import make_scenario
@@ -158,7 +158,7 @@ def write_table(df: pd.DataFrame, path, meta: dict) -> None:
     """Atomically write ``df`` with ``meta`` embedded (parquet metadata or CSV ``#`` header)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        blob = json.dumps(meta, sort_keys=True, default=_json_default)
+        blob = json.dumps(meta, sort_keys=True, default=json_default)
         if path.suffix == ".csv":
             with open(tmp, "w") as f:
                 for line in blob.splitlines() or [blob]:
@@ -175,13 +175,6 @@ def write_table(df: pd.DataFrame, path, meta: dict) -> None:
         else:
             raise ValueError(f"results file must end in .parquet or .csv, got {path}")
 
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def read_results(path) -> tuple[pd.DataFrame, dict]:

@@ -9,35 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from vrpo_common.stats import mean_se, trace_cov_se
+
 GROUP = ["scenario", "kappa", "g", "method", "n"]
 METRICS = ["err", "regret", "regret_u", "win_ref", "win_mle", "cover_frac", "ci_width", "lam"]
 
 
-def mean_se(x) -> tuple[float, float]:
-    """Mean and its standard error ``sd / sqrt(R)`` (NaN-free input expected)."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return np.nan, np.nan
-    if x.size == 1:
-        return float(x[0]), np.nan
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size))
-
-
 def theta_cols(df: pd.DataFrame) -> list[str]:
     return sorted((c for c in df.columns if c.startswith("theta_")), key=lambda c: int(c.split("_")[1]))
-
-
-def trace_cov_se(theta: np.ndarray) -> tuple[float, float]:
-    """``tr Cov(theta_hat)`` from replications ``theta (R, d)`` and its standard error.
-
-    ``tr Cov = mean_r |theta_r - mean|^2 * R/(R-1)``; the SE is that of the mean of
-    ``D_r = |theta_r - mean|^2`` (delta method, ignoring the O(1/R) estimated-mean term).
-    """
-    theta = np.asarray(theta, dtype=float)
-    R = theta.shape[0]
-    D = np.sum((theta - theta.mean(axis=0)) ** 2, axis=-1) * R / (R - 1)
-    return float(D.mean()), float(D.std(ddof=1) / np.sqrt(R))
 
 
 def summarize(df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:

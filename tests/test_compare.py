@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.compare import Z_FLAG, agreement_summary, compare_table, paired_ratio, sweep_theories
+from analysis.compare import Z_FLAG, agreement_summary, compare_table, sweep_theories
+from vrpo_common.stats import paired_ratio
 from sim.config import ExperimentConfig
 from sim.runner import populations, result_metadata, run_experiment
 

@@ -1,11 +1,11 @@
-"""sim.fileio: atomic writes (target only on success, umask mode, no leftovers)."""
+"""vrpo_common.fileio: atomic writes (target only on success, umask mode, no leftovers)."""
 
 import os
 import stat
 
 import pytest
 
-from sim.fileio import atomic_path, umask_mode
+from vrpo_common.fileio import atomic_path, umask_mode
 
 
 @pytest.fixture

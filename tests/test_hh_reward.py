@@ -14,7 +14,6 @@ from scipy.stats import chi2
 from llm.hh_reward import (
     HHRewardConfig,
     _bias_z,
-    _paired_ratio,
     learned_g,
     load_cells,
     project_margins,
@@ -22,6 +21,7 @@ from llm.hh_reward import (
     smoke_config,
 )
 from vrpo import fit_bt
+from vrpo_common.stats import paired_ratio
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REL_HARMLESS = SHARED_DATA / "relabeled-hh-rlhf" / "harmless" / "test.jsonl.gz"
@@ -119,7 +119,7 @@ def test_paired_ratio_standard_error_matches_simulation():
     for _ in range(400):
         v = rng.exponential(1.0, 200)
         u = 0.5 * v + rng.exponential(0.5, 200)
-        ests.append(_paired_ratio(u, v))
+        ests.append(paired_ratio(u, v))
     r, se = np.array(ests).T
     # true ratio (0.5 + 0.5) / 1 = 1; the reported SE matches the spread over repetitions
     assert abs(r.mean() - 1.0) < 4 * r.std() / np.sqrt(len(r))

@@ -16,7 +16,8 @@ HH = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 def test_win_rate_and_mean_ci_numbers():
-    from llm.policy_eval import mean_ci, win_rate
+    from llm.policy_eval import win_rate
+    from vrpo_common.stats import mean_ci
 
     r_a = np.array([[1.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
     r_b = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
