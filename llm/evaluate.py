@@ -187,11 +187,9 @@ def _batch(prompts, responses, pad_id: int, device, shared_prompt: bool = True) 
 
 def _seq_logps(model, prompts, responses, pad_id: int, device) -> torch.Tensor:
     """(B, K) summed log-probs of ``responses[i]`` (K each) after ``prompts[i]``, with gradients if enabled."""
-    from . import vrpo_loss
+    from .vrpo_loss import sequence_logps
 
-    if not hasattr(vrpo_loss, "pad_batch"):  # TEMPORARY: pre-VRPOTrainer API (removed after the merge)
-        return vrpo_loss.sequence_logps(model, vrpo_loss.collate(prompts, responses), pad_id, True).float()
-    return vrpo_loss.sequence_logps(model, _batch(prompts, responses, pad_id, device), len(responses[0])).float()
+    return sequence_logps(model, _batch(prompts, responses, pad_id, device), len(responses[0])).float()
 
 
 @torch.no_grad()

@@ -115,8 +115,8 @@ class LMRegretConfig:
     split_seed: int = 0
     # pi_ref
     pi_ref: str = "tiny"
-    max_prompt_tokens: int = 48
-    max_new_tokens: int = 24
+    max_prompt_tokens: int = 32
+    max_new_tokens: int = 16
     sft_steps: int = 800
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
@@ -139,6 +139,7 @@ class LMRegretConfig:
     kappas: tuple = (0.0, 1.0)
     Ms: tuple = (1, 4)
     gs: tuple = ("oracle", "one-type")
+    extra_gs: tuple = ()
     lams: tuple = LAMS
     baselines: tuple = BASELINES
     eps_cdpo: float = 0.1
@@ -171,7 +172,7 @@ class LMRegretConfig:
         def bad(msg):
             raise ValueError(f"LMRegretConfig: {msg}")
 
-        for name in ("ns", "kappas", "Ms", "gs", "lams", "baselines"):
+        for name in ("ns", "kappas", "Ms", "gs", "extra_gs", "lams", "baselines"):
             v = getattr(self, name)
             v = (v,) if isinstance(v, (str, int, float)) else tuple(v)
             object.__setattr__(self, name, v)
@@ -187,6 +188,9 @@ class LMRegretConfig:
             bad(f"Ms must be distinct integers >= 1; got {self.Ms}")
         if any(g not in G_KINDS for g in self.gs) or len(set(self.gs)) != len(self.gs):
             bad(f"gs must be distinct values from {G_KINDS}; got {self.gs}")
+        if any(g not in G_KINDS for g in self.extra_gs) or set(self.extra_gs) & set(self.gs) or \
+                len(set(self.extra_gs)) != len(self.extra_gs):
+            bad(f"extra_gs must be distinct values from {G_KINDS} not in gs; got {self.extra_gs}")
         if any(x not in LAMS for x in self.lams):
             bad(f"lams must be values from {LAMS}; got {self.lams}")
         if any(b not in BASELINES for b in self.baselines) or "dpo" not in self.baselines:
@@ -212,8 +216,11 @@ class LMRegretConfig:
                 bad(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.ref_samples < 2:
             bad("ref_samples must be >= 2 (held-out pairs are two pi_ref samples)")
-        if self.learned_folds < 2 or self.ns[0] // self.learned_folds <= self.learned_dim:
-            bad(f"learned g: need learned_folds >= 2 and folds larger than learned_dim ({self.learned_dim})")
+        if "learned" in self.all_gs:
+            if self.learned_folds < 2 or self.ns[0] // self.learned_folds <= self.learned_dim:
+                bad(f"learned g: need learned_folds >= 2 and folds larger than learned_dim ({self.learned_dim})")
+            if any(n % self.learned_folds for n in self.ns):
+                bad(f"learned g: every n must be divisible by learned_folds = {self.learned_folds}; got {self.ns}")
         for name in ("target_sd", "beta", "lr", "sft_lr", "epochs", "noisy_sd", "w_max"):
             if not getattr(self, name) > 0:
                 bad(f"{name} must be > 0; got {getattr(self, name)}")
@@ -227,6 +234,11 @@ class LMRegretConfig:
             bad("probe_batch_size must not exceed the largest n")
 
     # ---------------------------------------------------------------- derived
+    @property
+    def all_gs(self) -> tuple:
+        """``gs`` (every lam and M) then ``extra_gs`` (VRPO lam = 1 at the largest M only)."""
+        return tuple(self.gs) + tuple(self.extra_gs)
+
     @property
     def n_max(self) -> int:
         return self.ns[-1]
@@ -276,10 +288,10 @@ class LMRegretConfig:
 
 
 def smoke_config(**over) -> LMRegretConfig:
-    """Minutes-scale settings for the test suite: the same pipeline on tiny sizes."""
+    """Minutes-scale settings for the test suite: the same pipeline on tiny sizes, every g once."""
     base = dict(n_eval_prompts=24, pi_ref="tiny", max_prompt_tokens=24, max_new_tokens=10, sft_steps=40,
-                sft_batch_size=16, n_scale_prompts=48, ns=(40, 80), seeds=2, kappas=(0.0, 1.0), Ms=(1, 2),
-                gs=("oracle", "one-type", "learned", "noisy", "constant", "self"), lams=("1", "auto"),
+                sft_batch_size=16, n_scale_prompts=48, ns=(32, 64), seeds=2, kappas=(0.0, 1.0), Ms=(1, 2),
+                gs=("oracle",), extra_gs=("one-type", "learned", "noisy", "constant", "self"), lams=("1", "auto"),
                 learned_folds=2, learned_dim=4, batch_size=16, epochs=1.0, ref_samples=2, eval_samples=1,
                 probe_batch_size=8, probe_pairs=4, closed_form_prompts=8, max_pairs_gold=600, smoke=True,
                 progress=False, preset="smoke", out_dir="results/llm_regret_smoke")
@@ -339,6 +351,7 @@ def tasks(cfg: LMRegretConfig) -> list[Task]:
                     for g in cfg.gs:
                         for M in cfg.Ms:
                             out.append(Task(k, n, meth, s, g, M))
+                out += [Task(k, n, "vrpo", s, g, cfg.M_max) for g in cfg.extra_gs]
     return sorted(out, key=lambda t: (-t.cost(cfg), t.id))
 
 
@@ -360,13 +373,16 @@ def _load_npz(path: Path) -> dict:
 
 
 def _set_threads(n: int) -> None:
+    """``n`` torch and BLAS threads in this process (a tiny model on a shared machine runs fastest on one)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(int(n))
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process
         pass
+    threadpool_limits(int(n))
 
 
 # --------------------------------------------------------------------------- stage: prompts
@@ -687,7 +703,13 @@ def train_policy(cfg: LMRegretConfig, task: Task, pi_ref, tok, data: dict, work_
         report_to=[], disable_tqdm=True, use_cpu=(device == "cpu"), dataloader_num_workers=0,
         max_grad_norm=1.0, weight_decay=0.0, bf16=False, fp16=False, shared_prompt=True,
     )
+    import datasets
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    datasets.disable_progress_bars()
     trainer = VRPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    for cb in (PrinterCallback, ProgressCallback):  # the driver reports progress per task
+        trainer.remove_callback(cb)
     trainer.train()
     hist = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in trainer.state.log_history]
     model.eval()
@@ -738,6 +760,9 @@ def _g_label(cfg: LMRegretConfig, g: str) -> str:
 def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) -> dict:
     """Gradient-variance probe at ``pi_ref`` (every kappa, M and g except ``self``) and its closed form.
 
+    ``self`` is left out: at ``pi_ref`` the frozen policy is ``pi_ref`` itself, so ``g = 1/2`` there (the
+    ``constant`` case) and its correction vanishes.
+
     The closed form's moments come from per-pair gradients on the first ``closed_form_prompts`` prompts
     of the seed (computed once, reused for every kappa, g and M); the Monte Carlo probe draws minibatches
     from the seed's first ``n_max`` labelled examples of the same (kappa, g, M)."""
@@ -746,7 +771,7 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
     import torch
 
     torch.manual_seed(0)
-    gs = [g for g in cfg.gs if g != "self"]
+    gs = [g for g in cfg.all_gs if g != "self"]
     nc = min(cfg.closed_form_prompts, cfg.n_max)
     combos, data = {}, {}
     for k in cfg.kappas:
@@ -779,7 +804,7 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
                 cf = closed_form_from_moments(mom[f"{k:g}|{g}"], M, lam=1.0)
                 row.update({f"cf_{a}": cf[a] for a in ("ratio", "ratio_se", "lam_opt", "ratio_at_lam_opt",
                                                         "ratio_at_lam_opt_se")})
-                if g == "oracle" or cfg.smoke:
+                if g == "oracle" or cfg.smoke:  # the Monte Carlo check of the closed form
                     t = time.time()
                     pr = gradient_probe(pi_ref, d["prompt_ids"], [r[:K] for r in d["resp"]], d["ref"][:, :K],
                                         np.ones(cfg.n_max), d["g"], d["g_aux"][:, :M], cfg.beta, 1.0,
@@ -787,7 +812,10 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
                                         seed=_seed_int(cfg.first_seed, "probe", k, g, M))
                     row.update({f"mc_{a}": v for a, v in pr.items() if isinstance(v, (int, float))})
                     row["mc_s"] = time.time() - t
-                    z = (pr["ratio"] - cf["ratio"]) / math.sqrt(pr["ratio_se"] ** 2 + cf["ratio_se"] ** 2)
+                    se = math.sqrt(pr["ratio_se"] ** 2 + cf["ratio_se"] ** 2)
+                    diff = pr["ratio"] - cf["ratio"]
+                    # constant g: both ratios are exactly 1 (no correction), so no spread either
+                    z = diff / se if se > 0 else (0.0 if abs(diff) < 1e-9 else math.copysign(math.inf, diff))
                     row["z_mc_vs_cf"] = z
                     _log(f"gradient variance at pi_ref, kappa={k:g}, g={g}, M={M}: VRPO/DPO {pr['ratio']:.3f} "
                          f"[{pr['ratio_lo']:.3f}, {pr['ratio_hi']:.3f}] (Monte Carlo) vs {cf['ratio']:.3f} ± "
@@ -952,7 +980,7 @@ def run(cfg: LMRegretConfig, make_report: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     _log(f"config {cfg.preset}: ns={list(cfg.ns)}, seeds={cfg.seeds}, kappas={list(cfg.kappas)}, Ms={list(cfg.Ms)}, "
-         f"g={list(cfg.gs)}, lams={list(cfg.lams)}, baselines={list(cfg.baselines)}; device {device}, "
+         f"g={list(cfg.gs)} (+ {list(cfg.extra_gs)} at lam=1, M={cfg.M_max}), lams={list(cfg.lams)}, baselines={list(cfg.baselines)}; device {device}, "
          f"{cfg.n_workers()} worker(s) x {cfg.torch_threads} torch thread(s); load average {load_start[0]:.2f}", t0)
 
     t = time.time()
@@ -985,6 +1013,10 @@ def run(cfg: LMRegretConfig, make_report: bool = True) -> dict:
         gold_checks[f"{k:g}"] = {"p_star": pstar_summary(pairs), "pi_ref_vs_pi_ref": {
             kk: v for kk, v in self_win.items() if kk != "per_prompt"}, "mean_w": float(np.mean(w))}
     timings["ref_bank_s"] = time.time() - t
+    gold_extra = {"pi_ref_len_tokens": float(bank["bank"].n_tokens.mean()),
+                  "pi_ref_eos_share": float(bank["bank"].ended.mean()),
+                  "pi_ref_reward_A": float(bank["R_bank"][..., 0].mean()),
+                  "pi_ref_reward_B": float(bank["R_bank"][..., 1].mean())}
     for k, v in gold_checks.items():
         s = v["p_star"]
         _log(f"kappa={k}: p* on pi_ref pairs: median {s['median']:.2f}, IQR [{s['q25']:.2f}, {s['q75']:.2f}], "
@@ -1025,7 +1057,7 @@ def run(cfg: LMRegretConfig, make_report: bool = True) -> dict:
     timings["tasks_run"] = len(todo)
 
     record = {"config": cfg.resolved(), "experiment_key": cfg.experiment_key(), "stage_key": key,
-              "pi_ref": pinfo, "gold": ginfo, "gold_checks": gold_checks,
+              "pi_ref": pinfo, "gold": ginfo, "gold_checks": gold_checks, "gold_checks_extra": gold_extra,
               "data": {"n_prompts": len(P["prompts"]), "n_pool": len(P["train"]), "n_eval": len(P["eval"]),
                        "load": P["load"]},
               "versions": _versions(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
