@@ -65,7 +65,7 @@ __all__ = [
 
 #: small GPT-2 shapes trained offline by SFT; ``hf:<name or path>`` loads any causal LM instead
 PI_REF_PRESETS = {
-    "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=2048),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1024),
     "small": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=2048),
     "base": dict(n_layer=6, n_embd=256, n_head=8, vocab_size=4096),
 }
@@ -156,6 +156,7 @@ class LMRegretConfig:
     eval_samples: int = 2
     probe_batch_size: int = 16
     probe_pairs: int = 32
+    probe_pairs_trained: int = 16
     closed_form_prompts: int = 96
     probe_trained: bool = True
     # machinery
@@ -210,7 +211,7 @@ class LMRegretConfig:
             bad(f"one_type_head must be 'helpful' or 'harmless'; got {self.one_type_head!r}")
         for name in ("n_eval_prompts", "max_prompt_tokens", "max_new_tokens", "sft_steps", "sft_batch_size",
                      "n_scale_prompts", "learned_folds", "learned_dim", "batch_size", "ref_samples", "eval_samples",
-                     "probe_batch_size", "probe_pairs", "closed_form_prompts", "torch_threads", "sample_batch_size",
+                     "probe_batch_size", "probe_pairs", "probe_pairs_trained", "closed_form_prompts", "torch_threads", "sample_batch_size",
                      "self_g_refresh"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -293,7 +294,7 @@ def smoke_config(**over) -> LMRegretConfig:
                 sft_batch_size=16, n_scale_prompts=48, ns=(32, 64), seeds=2, kappas=(0.0, 1.0), Ms=(1, 2),
                 gs=("oracle",), extra_gs=("one-type", "learned", "noisy", "constant", "self"), lams=("1", "auto"),
                 learned_folds=2, learned_dim=4, batch_size=16, epochs=1.0, ref_samples=2, eval_samples=1,
-                probe_batch_size=8, probe_pairs=4, closed_form_prompts=8, max_pairs_gold=600, smoke=True,
+                probe_batch_size=8, probe_pairs=4, probe_pairs_trained=4, closed_form_prompts=8, max_pairs_gold=600, smoke=True,
                 progress=False, preset="smoke", out_dir="results/llm_regret_smoke")
     base.update(over)
     return LMRegretConfig(**base)
@@ -791,8 +792,7 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
             combos[f"{k:g}|{g}"] = (ps, gg)
     t = time.time()
     resp = D["resp"][:nc]
-    mom = pair_gradients_at_ref(pi_ref, D["pids"][:nc], resp, cfg.beta, tok.pad_token_id, combos,
-                                progress=cfg.progress, desc="per-pair gradients at pi_ref (closed form)")
+    mom = pair_gradients_at_ref(pi_ref, D["pids"][:nc], resp, cfg.beta, tok.pad_token_id, combos)
     cf_s = time.time() - t
     out = []
     for k in cfg.kappas:
@@ -817,9 +817,6 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
                     # constant g: both ratios are exactly 1 (no correction), so no spread either
                     z = diff / se if se > 0 else (0.0 if abs(diff) < 1e-9 else math.copysign(math.inf, diff))
                     row["z_mc_vs_cf"] = z
-                    _log(f"gradient variance at pi_ref, kappa={k:g}, g={g}, M={M}: VRPO/DPO {pr['ratio']:.3f} "
-                         f"[{pr['ratio_lo']:.3f}, {pr['ratio_hi']:.3f}] (Monte Carlo) vs {cf['ratio']:.3f} ± "
-                         f"{cf['ratio_se']:.3f} (closed form), z = {z:+.2f}", t0)
                 out.append(row)
     return {"rows": out, "closed_form_prompts": nc, "closed_form_s": cf_s}
 
@@ -895,7 +892,8 @@ def _run_task(task: Task) -> dict:
         t = time.time()
         probe = gradient_probe(policy, pdata["prompt_ids"], [r[:K] for r in pdata["resp"]], pdata["ref"][:, :K],
                                np.ones(task.n), pdata["g"], pdata["g_aux"], cfg.beta, 1.0, tok.pad_token_id,
-                               cfg.probe_batch_size, cfg.probe_pairs, seed=_seed_int(task.seed, task.cell, "probe"))
+                               cfg.probe_batch_size, cfg.probe_pairs_trained,
+                               seed=_seed_int(task.seed, task.cell, "probe"))
         probe["s"] = time.time() - t
     lam_final = next((h["lam"] for h in reversed(hist) if "lam" in h), None)
     res = {"task": asdict(task), "cell": task.cell, "id": task.id, "experiment_key": cfg.experiment_key(),
@@ -905,6 +903,28 @@ def _run_task(task: Task) -> dict:
     j, z = task_paths(cfg, task)
     _save_npz(z, **arrays)
     write_json(j, res, indent=1)  # written last: its presence marks the task done
+    return res
+
+
+def _probe_done(cfg: LMRegretConfig) -> bool:
+    p = Path(cfg.out_dir) / "probe_ref.json"
+    try:
+        return p.exists() and json.loads(p.read_text()).get("experiment_key") == cfg.experiment_key()
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _job(x) -> dict:
+    """A pool job: a training task, or ``"probe_ref"`` (the gradient probe at pi_ref on the first seed's data)."""
+    if x != "probe_ref":
+        return _run_task(x)
+    W = _W
+    cfg = W["cfg"]
+    D0 = load_seed_data(seed_data_path(cfg, W["key"], cfg.first_seed))
+    res = {**stage_probe_ref(cfg, W["pi_ref"], W["tok"], W["gold"], D0, time.time()),
+           "experiment_key": cfg.experiment_key()}
+    res["mc_s"] = sum(r.get("mc_s", 0.0) for r in res["rows"])
+    write_json(Path(cfg.out_dir) / "probe_ref.json", res, indent=1)
     return res
 
 
@@ -1030,31 +1050,29 @@ def run(cfg: LMRegretConfig, make_report: bool = True) -> dict:
     timings["seed_data_s"] = time.time() - t
 
     t = time.time()
-    probe_path = out / "probe_ref.json"
-    probe_ref = None
-    if probe_path.exists():
-        blob = json.loads(probe_path.read_text())
-        if blob.get("experiment_key") == cfg.experiment_key():
-            probe_ref = blob
-    if probe_ref is None:
-        D0 = load_seed_data(seed_data_path(cfg, key, cfg.first_seed))
-        probe_ref = {**stage_probe_ref(cfg, model, tok, gold, D0, t0), "experiment_key": cfg.experiment_key()}
-        write_json(probe_path, probe_ref, indent=1)
-    timings["probe_ref_s"] = time.time() - t
-
-    t = time.time()
     all_tasks = tasks(cfg)
     todo = [x for x in all_tasks if not _done(cfg, x)]
+    jobs = ([] if _probe_done(cfg) else ["probe_ref"]) + todo
     _log(f"training: {len(all_tasks)} tasks ({len(all_tasks) - len(todo)} already done), "
-         f"{sum(cfg.steps(x.n) for x in todo)} optimisation steps in all", t0)
+         f"{sum(cfg.steps(x.n) for x in todo)} optimisation steps in all"
+         + ("; the gradient probe at pi_ref runs beside them" if jobs and jobs[0] == "probe_ref" else ""), t0)
 
     def fmt(x, r):
+        if x == "probe_ref":
+            return f"gradient probe at pi_ref ({r['closed_form_s'] + r['mc_s']:.0f}s)"
         return (f"{x.id}: win vs pi_ref {r['win_ref']:.3f}, KL {r['kl']:.2f}, train {r['train_s']:.1f}s, "
                 f"eval {r['eval_s']:.1f}s")
 
-    _map(cfg, key, _run_task, todo, "task", t0, on_done=fmt)
+    _map(cfg, key, _job, jobs, "job", t0, on_done=fmt)
     timings["train_eval_s"] = time.time() - t
     timings["tasks_run"] = len(todo)
+    probe_ref = json.loads((out / "probe_ref.json").read_text())
+    timings["probe_ref_s"] = probe_ref["closed_form_s"] + probe_ref["mc_s"]
+    for r in probe_ref["rows"]:
+        if "mc_ratio" in r:
+            _log(f"gradient variance at pi_ref, kappa={r['kappa']:g}, g={r['g']}, M={r['M']}: VRPO/DPO "
+                 f"{r['mc_ratio']:.3f} [{r['mc_ratio_lo']:.3f}, {r['mc_ratio_hi']:.3f}] (Monte Carlo) vs "
+                 f"{r['cf_ratio']:.3f} ± {r['cf_ratio_se']:.3f} (closed form), z = {r['z_mc_vs_cf']:+.2f}", t0)
 
     record = {"config": cfg.resolved(), "experiment_key": cfg.experiment_key(), "stage_key": key,
               "pi_ref": pinfo, "gold": ginfo, "gold_checks": gold_checks, "gold_checks_extra": gold_extra,

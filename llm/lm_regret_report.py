@@ -458,8 +458,9 @@ def render_section(cfg, record: dict, cells: pd.DataFrame, table: pd.DataFrame, 
              f"thread(s) on {record['machine']['cpus']} CPU cores, device {record['config']['device_resolved']}, "
              f"1-min load average {tm['load_avg_start'][0]:.2f} at the start and {tm['load_avg_end'][0]:.2f} at the "
              f"end. Stages: pi_ref {tm['pi_ref_s']:.0f}s, gold {tm['gold_s']:.0f}s, reference bank "
-             f"{tm['ref_bank_s']:.0f}s, seed data {tm['seed_data_s']:.0f}s, probe at pi_ref {tm['probe_ref_s']:.0f}s, "
-             f"training + evaluation {tm['train_eval_s']:.0f}s. Mean per task: training "
+             f"{tm['ref_bank_s']:.0f}s, seed data {tm['seed_data_s']:.0f}s, training + evaluation "
+             f"{tm['train_eval_s']:.0f}s (the gradient probe at pi_ref, {tm['probe_ref_s']:.0f}s of one worker, "
+             f"beside it). Mean per task: training "
              f"{table.train_s.mean():.1f}s, evaluation {table.eval_s.mean():.1f}s.")
     return "\n".join(L) + "\n"
 
@@ -481,33 +482,50 @@ def _readings(c, cells: pd.DataFrame, probe_ref: dict, trained: pd.DataFrame) ->
         s = pr[(pr.kappa == k) & (pr.g == g) & (pr.M == M)]
         return None if s.empty else s.iloc[0]
 
-    if "oracle" in c.gs:
+    if "oracle" in c.all_gs:
         for k, what in ((kmin, f"kappa = {kmin:g} ({'BT in the gold reward' if kmin == 0 else 'the weakest mixture'})"),
                         (kmax, f"kappa = {kmax:g} ({'the full mixture' if kmax == 1 else 'the strongest mixture'})")):
-            parts = []
+            parts, rows = [], []
             for meth in ("vrpo", "vrpo-auto"):
-                if meth.replace("vrpo-auto", "auto").replace("vrpo", "1") not in c.lams:
-                    continue
                 for M in sorted(c.Ms):
                     r = cell(k, nmax, meth, "oracle", M)
                     if r is not None:
                         parts.append(f"{LABEL[meth]}, M = {M}: {_verdict_phrase(r)}")
-            if parts:
-                out.append(f"- **{what}, oracle g, n = {nmax}.** " + "; ".join(parts) + ".")
-        r0 = cell(kmin, nmax, "vrpo", "oracle", Mmax)
-        p0 = cf(kmin, "oracle", Mmax)
-        if kmin == 0 and r0 is not None and p0 is not None:
-            if r0.verdict == "no detectable difference":
-                out.append(f"  At kappa = 0 VRPO and DPO are indistinguishable within their intervals, as the "
-                           "asymptotic theory predicts for a BT preference.")
+                        rows.append(r)
+            if not parts:
+                continue
+            out.append(f"- **{what}, oracle g, n = {nmax}.** " + "; ".join(parts) + ".")
+            if k != 0:
+                continue
+            differ = [r for r in rows if r.verdict != "no detectable difference"]
+            p0 = cf(kmin, "oracle", Mmax)
+            if not differ:
+                out.append(f"  At kappa = 0 every oracle-g VRPO variant is indistinguishable from DPO within its "
+                           "interval, as the asymptotic theory predicts for a BT preference.")
             else:
-                out.append(f"  At kappa = 0 the head-to-head interval excludes 1/2 ({r0.verdict}), although the gold "
-                           f"is BT. The asymptotic no-gain result assumes the fitted BT model is the truth "
-                           f"(`s = p*` at `theta*`); here the gradient-variance ratio at `pi_ref` is "
-                           f"{p0.cf_ratio:.3f} ± {p0.cf_ratio_se:.3f} (closed form): at `pi_ref` every margin is 0, "
-                           f"so the residual `(s - p*) X = (1/2 - p*) X` is as large as `p*` is informative, and the "
-                           f"policy class (a small LM's implicit reward) does not contain the gold reward.")
-    if "one-type" in c.gs:
+                txt = (f"  At kappa = 0 {len(differ)} of {len(rows)} oracle-g VRPO variants differ from DPO "
+                       f"({', '.join(f'{LABEL[r.method]} M = {int(r.M)}: {r.verdict}' for r in differ)}), although "
+                       f"the gold is BT. The asymptotic no-gain result assumes the fitted BT model is the truth "
+                       f"(`s = p*` at `theta*`).")
+                if any(r.verdict == "helps" for r in differ) and p0 is not None:
+                    txt += (f" Far from `theta*` it does not hold: the gradient-variance ratio VRPO/DPO at `pi_ref` "
+                            f"(oracle, M = {Mmax}, lam = 1) is {p0.cf_ratio:.3f} ± {p0.cf_ratio_se:.3f} (closed form), "
+                            f"because at `pi_ref` every margin is 0 and the residual `(s - p*) X = (1/2 - p*) X` is as "
+                            f"large as `p*` is informative; and the policy class (a small LM's implicit reward) does "
+                            f"not contain the gold reward, so the trained policy is not at a BT fit of `p*` either.")
+                if any(r.verdict == "hurts" for r in differ):
+                    tk = trained[trained.kappa == kmin] if len(trained) else trained
+                    if len(tk):
+                        nums = ", ".join(f"at the trained {r.policy} {r.ratio:.2f} [{r.ratio_lo:.2f}, "
+                                         f"{r.ratio_hi:.2f}]" for r in tk.itertuples())
+                        above = bool((tk.ratio_lo > 1).any())
+                        txt += (f" Where VRPO is worse: the VRPO/DPO gradient-variance ratio (lam = 1) is {nums}; "
+                                + ("the correction adds gradient variance away from `pi_ref`."
+                                   if above else "gradient variance at the trained policies does not explain it."))
+                    txt += (f" With {c.seeds} seeds per cell, {len(differ)} of {len(rows)} intervals excluding 1/2 "
+                            "by chance is not ruled out.")
+                out.append(txt)
+    if "one-type" in c.all_gs:
         parts = []
         for k in c.kappas:
             for meth in ("vrpo", "vrpo-auto"):
@@ -521,7 +539,7 @@ def _readings(c, cells: pd.DataFrame, probe_ref: dict, trained: pd.DataFrame) ->
             if r1 is not None and ra is not None and np.isfinite(ra.lam_final_mean):
                 out.append(f"  Power tuning ends at lam = {ra.lam_final_mean:.2f} [{ra.lam_final_lo:.2f}, "
                            f"{ra.lam_final_hi:.2f}] for this g (kappa = {kmax:g}).")
-    if len(c.Ms) > 1 and "oracle" in c.gs:
+    if len(c.Ms) > 1 and "oracle" in c.all_gs:
         parts = []
         for k in c.kappas:
             a, b = cell(k, nmax, "vrpo", "oracle", Mmin), cell(k, nmax, "vrpo", "oracle", Mmax)
