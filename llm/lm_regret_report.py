@@ -213,7 +213,9 @@ def _fig_gold(cfg, record: dict, cells: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    top = cells[cells.n == max(cfg.ns)]
+    top = pd.concat([_ordered(top[top.kappa == k]) for k in cfg.kappas])
+    fig, axes = plt.subplots(1, 3, figsize=(13, max(3.3, 0.16 * len(top) + 1.2)))
     ax = axes[0]
     edges = np.linspace(0, 1, 11)
     width = 0.1 / (len(cfg.kappas) + 0.5)
@@ -226,18 +228,20 @@ def _fig_gold(cfg, record: dict, cells: pd.DataFrame, path: Path) -> None:
     ax.set_title("gold preference between pi_ref samples", fontsize=9)
     for ax, col, lab in ((axes[1], "kl", "KL(policy || pi_ref) (nats)"), (axes[2], "len_tokens",
                                                                           "generated tokens")):
-        sub = cells[cells.n == max(cfg.ns)]
-        names = [_variant(r) + f" k={r['kappa']:g}" for _, r in sub.iterrows()]
-        y = np.arange(len(sub))
+        sub = top
+        names = [_variant(r) + f", kappa={r['kappa']:g}" for _, r in sub.iterrows()]
+        y = np.arange(len(sub))[::-1]
         ax.errorbar(sub[f"{col}_mean"], y, xerr=[sub[f"{col}_mean"] - sub[f"{col}_lo"],
                                                   sub[f"{col}_hi"] - sub[f"{col}_mean"]],
                     fmt="o", ms=3, color="#444444", capsize=1.5)
         ax.set_yticks(y)
-        ax.set_yticklabels(names, fontsize=5)
+        ax.set_yticklabels(names, fontsize=6)
         ax.set_xlabel(lab, fontsize=8)
         ax.set_title(f"n = {max(cfg.ns)} (95% t-intervals over seeds)", fontsize=9)
     if "pi_ref_len_tokens" in record.get("gold_checks_extra", {}):
         axes[2].axvline(record["gold_checks_extra"]["pi_ref_len_tokens"], color="k", ls=":", lw=0.8)
+        axes[2].text(record["gold_checks_extra"]["pi_ref_len_tokens"], 0.01, " pi_ref", fontsize=7, va="bottom",
+                     transform=axes[2].get_xaxis_transform())
     fig.tight_layout()
     save_figure(fig, path, dpi=130)
     plt.close(fig)

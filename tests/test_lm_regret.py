@@ -186,3 +186,24 @@ def test_smoke_run_end_to_end(tmp_path):
     new = json.loads(j.read_text())
     for k in ("win_ref", "kl", "acc", "len_tokens", "final_loss", "lam_final"):
         assert new[k] == old[k], k
+
+
+def test_a_bigger_pi_ref_loads_by_path(tmp_path):
+    """`--pi-ref hf:<path>`: any transformers causal LM (here a small GPT-2 saved to disk) replaces the SFT stage."""
+    pytest.importorskip("transformers")
+    from llm.lm_regret import prompt_ids, stage_pi_ref
+    from llm.tiny_lm import tiny_gpt2, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["Human: hi there\n\nAssistant: hello, how can I help?"] * 20, vocab_size=300)
+    model = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=64, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    cfg = LMRegretConfig(pi_ref=f"hf:{tmp_path / 'lm'}", cache_dir=str(tmp_path / "cache"))
+    m, t, info = stage_pi_ref(cfg, {"train": [], "prompts": [], "responses": []}, "cpu", 0.0)
+    assert info["kind"] == "hf" and info["params"] == sum(p.numel() for p in model.parameters())
+    ids = prompt_ids(t, ["Human: hi there\n\nAssistant:"], 4)
+    assert len(ids[0]) <= 4
+    from llm.evaluate import sample
+
+    S = sample(m, ids, 2, 3, t.eos_token_id, t.pad_token_id, seed=0)
+    assert len(S.ids) == 2

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
                    help="copy the figures and the section into --publish-dir (default paper_figures/)")
     p.add_argument("--config", help="JSON file of LMRegretConfig fields; flags override it")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--feature-check", action="store_true",
+                   help="measure the gold features' adequacy: CV accuracy on the GPT-3.5 labels of heads on MiniLM-static "
+                        "vs full MiniLM features and their cost (minutes on CPU); writes <out-dir>/feature_check.json")
+    p.add_argument("--feature-check-pairs", type=int, default=1000, help="pairs per objective for --feature-check")
     p.add_argument("--report-only", action="store_true",
                    help="regenerate figures and section from a finished run with the same settings (no training)")
     p.set_defaults(func=main)
@@ -71,6 +75,20 @@ def main(args) -> int:
     cfg = build_config(args)
     if args.print_config:
         print(json.dumps(cfg.resolved(), indent=1))
+        return 0
+    if args.feature_check:
+        import os
+        from pathlib import Path
+
+        from llm.gold import feature_adequacy
+        from vrpo_common.fileio import write_json
+
+        load = os.getloadavg()[0]
+        res = feature_adequacy(cfg.data_dir, max_pairs=args.feature_check_pairs, cache_dir=Path(cfg.cache_dir) /
+                               "embeddings", progress=cfg.progress)
+        res["load_avg_1min_at_start"] = load
+        path = write_json(Path(cfg.out_dir) / "feature_check.json", res, indent=1)
+        print(f"wrote {path}")
         return 0
     if args.report_only:
         from llm.lm_regret_report import regenerate
