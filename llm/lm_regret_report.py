@@ -368,7 +368,7 @@ def render_section(cfg, record: dict, cells: pd.DataFrame, table: pd.DataFrame, 
         L.append("")
         L.append(_md_table(pd.DataFrame(rows)))
         L.append("")
-    L.append("![gold win rate vs n](../llm_regret_win_vs_n.png)")
+    L.append("![gold win rate vs n](llm_regret_win_vs_n.png)")
     L.append("")
     L.append(f"_Gold win rate against `pi_ref` per method and n (mean over {S} seeds, 95% t-intervals); panels: "
              "kappa (rows) x g (columns); baselines do not use g and repeat across columns; VRPO dashed at the "
@@ -395,7 +395,7 @@ def render_section(cfg, record: dict, cells: pd.DataFrame, table: pd.DataFrame, 
                      "verdict": r.verdict})
     L.append(_md_table(pd.DataFrame(rows)))
     L.append("")
-    L.append("![head to head](../llm_regret_head_to_head.png)")
+    L.append("![head to head](llm_regret_head_to_head.png)")
     L.append("")
     # ---------------------------------------------------------------- the readings
     L.append("### Reading")
@@ -445,9 +445,9 @@ def render_section(cfg, record: dict, cells: pd.DataFrame, table: pd.DataFrame, 
         L.append("")
         L.append(_md_table(pd.DataFrame(rows)))
         L.append("")
-    L.append("![gradient variance](../llm_regret_grad_variance.png)")
+    L.append("![gradient variance](llm_regret_grad_variance.png)")
     L.append("")
-    L.append("![gold and policies](../llm_regret_gold.png)")
+    L.append("![gold and policies](llm_regret_gold.png)")
     L.append("")
     L.append("_Left: `p*` between two `pi_ref` samples per kappa. Middle and right: KL to `pi_ref` and generation "
              f"length of every method at n = {nmax}._")
