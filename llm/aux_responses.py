@@ -14,13 +14,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from vrpo_common.fileio import atomic_path
 
-from .trainer import model_fingerprint
+__all__ = ["SamplingConfig", "sample_responses", "aux_responses", "model_fingerprint"]
 
-__all__ = ["SamplingConfig", "sample_responses", "aux_responses"]
+
+def model_fingerprint(model) -> str:
+    """Cheap content hash of a model: config plus per-tensor sums and first values."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1).float()
+            h.update(name.encode())
+            h.update(np.float64(flat.double().sum().item()).tobytes())
+            h.update(flat[:8].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

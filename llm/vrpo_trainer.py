@@ -226,10 +226,10 @@ def _resolve_aliases(ds: Dataset, name: str) -> Dataset:
             continue
         if target in ds.column_names:
             raise ValueError(f"{name} dataset has both {target!r} and its alias {alias!r}: keep one")
-        p = ds[alias]
+        p = ds[alias][:]
         _probabilities(name, alias, p)
         if partner in ds.column_names:
-            q = ds[partner]
+            q = ds[partner][:]
             _probabilities(name, partner, q)
             bad = [i for i, (a, b) in enumerate(zip(p, q))
                    if np.max(np.abs(np.asarray(a, float) + np.asarray(b, float) - 1)) > ALIAS_ATOL]
@@ -358,12 +358,12 @@ class VRPOTrainer(DPOTrainer):
             raise ValueError(f"{dataset_name} dataset lacks column(s) {missing}{why}; it has {ds.column_names}")
         for col in ("g", "g_aux"):
             if col in ds.column_names:
-                _probabilities(dataset_name, col, ds[col])
+                _probabilities(dataset_name, col, ds[col][:])
         M = 0
         if self._uses_extra:
-            extra = {c: ds[c] for c in ("a_1" + sfx, "a_2" + sfx)}
+            extra = {c: ds[c][:] for c in ("a_1" + sfx, "a_2" + sfx)}
             if args.g_source == "columns":
-                extra["g_aux"] = ds["g_aux"]
+                extra["g_aux"] = ds["g_aux"][:]
             M = _n_extra(dataset_name, extra)
             if args.g_source == "model":
                 ds = self._g_from_model(ds, M, dataset_name)
@@ -379,7 +379,7 @@ class VRPOTrainer(DPOTrainer):
             base = ds.remove_columns([c for c in ("a_1", "a_2") if c in ds.column_names])
             ds = DPOTrainer._prepare_dataset(self, base, processing_class, no_filter, dataset_name)
             if M:
-                ds = self._tokenize_extra(ds, dataset["a_1"], dataset["a_2"], M, processing_class, no_filter,
+                ds = self._tokenize_extra(ds, extra["a_1"], extra["a_2"], M, processing_class, no_filter,
                                           dataset_name)
         elif M:
             ds = ds.map(lambda ex: {c: _as_list(ex[c]) for c in ("a_1_ids", "a_2_ids")})
@@ -389,9 +389,9 @@ class VRPOTrainer(DPOTrainer):
         return ds.select_columns(keep)
 
     def _g_from_model(self, ds: Dataset, M: int, name: str) -> Dataset:
-        prompts = ds["prompt"]
-        a_1, a_2 = [_as_list(v) for v in ds["a_1"]], [_as_list(v) for v in ds["a_2"]]
-        g = np.asarray(self._g_model(prompts, ds["chosen"], ds["rejected"]), float).reshape(-1)
+        prompts = ds["prompt"][:]
+        a_1, a_2 = [_as_list(v) for v in ds["a_1"][:]], [_as_list(v) for v in ds["a_2"][:]]
+        g = np.asarray(self._g_model(prompts, ds["chosen"][:], ds["rejected"][:]), float).reshape(-1)
         g_aux = np.stack([np.asarray(self._g_model(prompts, [a[m] for a in a_1], [a[m] for a in a_2]), float)
                           .reshape(-1) for m in range(M)], axis=1)  # (n, M)
         if g.shape != (len(ds),) or g_aux.shape != (len(ds), M):
@@ -408,16 +408,16 @@ class VRPOTrainer(DPOTrainer):
         a_1, a_2 = [_as_list(v) for v in a_1], [_as_list(v) for v in a_2]
         parts = []
         for m in range(M):
-            dm = Dataset.from_dict({"prompt": ds["prompt"], "chosen": [a[m] for a in a_1],
+            dm = Dataset.from_dict({"prompt": ds["prompt"][:], "chosen": [a[m] for a in a_1],
                                     "rejected": [a[m] for a in a_2]})
             dm = DPOTrainer._prepare_dataset(self, dm, processing_class, args, f"{name} extra pair {m}")
-            parts.append((dm["prompt_ids"], dm["chosen_ids"], dm["rejected_ids"]))
-        P = ds["prompt_ids"]
+            parts.append((dm["prompt_ids"][:], dm["chosen_ids"][:], dm["rejected_ids"][:]))
+        P = ds["prompt_ids"][:]
         L = [min([len(p)] + [len(part[0][i]) for part in parts]) for i, p in enumerate(P)]
         n = range(len(P))
         cols = {"prompt_ids": [P[i][: L[i]] for i in n],
-                "chosen_ids": [P[i][L[i] :] + c for i, c in zip(n, ds["chosen_ids"])],
-                "rejected_ids": [P[i][L[i] :] + r for i, r in zip(n, ds["rejected_ids"])],
+                "chosen_ids": [P[i][L[i] :] + c for i, c in zip(n, ds["chosen_ids"][:])],
+                "rejected_ids": [P[i][L[i] :] + r for i, r in zip(n, ds["rejected_ids"][:])],
                 "a_1_ids": [[pp[0][i][L[i] :] + pp[1][i] for pp in parts] for i in n],
                 "a_2_ids": [[pp[0][i][L[i] :] + pp[2][i] for pp in parts] for i in n]}
         ds = ds.remove_columns([c for c in cols if c in ds.column_names])
@@ -438,7 +438,7 @@ class VRPOTrainer(DPOTrainer):
 
             ds = ds.map(cut, desc=f"Truncating {name} dataset")
         for c in ["prompt_ids"] + cols:
-            for i, v in enumerate(ds[c]):
+            for i, v in enumerate(ds[c][:]):
                 if not v or (c.startswith("a_") and any(len(r) == 0 for r in v)):
                     _fail(name, c, i, "empty token list (a causal LM needs >= 1 prompt and >= 1 response token)")
         if args.max_length is not None:
@@ -494,7 +494,7 @@ class VRPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         if "ref_logps" in dataset.column_names:  # given by the user (e.g. computed once for many runs)
-            ref = dataset["ref_logps"]
+            ref = dataset["ref_logps"][:]
             bad = [i for i, r in enumerate(ref) if len(r) < self._K or not np.all(np.isfinite(r[: self._K]))]
             if bad:
                 _fail(name, "ref_logps", bad[0], f"needs {self._K} finite log-probs, got {ref[bad[0]]}", len(bad))
@@ -593,7 +593,7 @@ class VRPOTrainer(DPOTrainer):
 
         out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if "ref_logps" in self.train_dataset.column_names:
-            save_file({"ref_logps": torch.tensor(self.train_dataset["ref_logps"], dtype=torch.float32)},
+            save_file({"ref_logps": torch.tensor(self.train_dataset["ref_logps"][:], dtype=torch.float32)},
                       os.path.join(out, REF_FILE))
         if self._frozen is not None:
             save_file({k: v.contiguous() for k, v in self._frozen.items()}, os.path.join(out, SELF_G_FILE))
@@ -619,7 +619,7 @@ class VRPOTrainer(DPOTrainer):
             from safetensors.torch import load_file
 
             old = load_file(ref_path)["ref_logps"]
-            new = torch.tensor(self.train_dataset["ref_logps"], dtype=torch.float32)
+            new = torch.tensor(self.train_dataset["ref_logps"][:], dtype=torch.float32)
             worst = (old - new).abs().max().item() if old.shape == new.shape else float("inf")
             if not worst <= 1e-3:  # float noise of a recomputation is ~1e-5
                 raise ValueError(f"checkpoint {ckpt}: the reference log-probs differ from this trainer's (max |diff| "
