@@ -1,28 +1,18 @@
 """Cost of VRPOTrainer against trl.DPOTrainer: step time and peak memory, same model and batch.
 
-Variants, each in a fresh subprocess (so its peak memory is its own), all fp32 without
-gradient checkpointing, reference log-probs precomputed unless said otherwise:
-
-=================== ==================================================================
-``trl-dpo``         ``trl.DPOTrainer``
-``trl-dpo-refmodel`` ``trl.DPOTrainer`` with its default reference-model forward per step
-``dpo-naive``       ``VRPOTrainer``, ``lam = 0``, one ``prompt + response`` row per response
-``dpo-shared``      ``VRPOTrainer``, ``lam = 0``, prompt encoded once (the suite's fastest DPO)
-``vrpo-naive``      ``VRPOTrainer``, ``lam = 1``, one extra pair, 4 rows per example
-``vrpo-shared``     ``VRPOTrainer``, ``lam = 1``, one extra pair, prompt encoded once
-=================== ==================================================================
-
-The text is words of a word-level tokenizer (one word, one token), so every variant sees the
-same token ids; prompt and response lengths are drawn once (seeded) with the HH ratio.
-A step is the whole Trainer iteration (batch collation, forward, loss, backward, clipping,
-AdamW, logging every 10 steps): the time between consecutive ``on_step_end`` callbacks.
-Variants run in interleaved rounds; the headline is the minimum over all timed steps and
-rounds (the usual estimator when other load only slows a step down), with the median of
-per-round medians beside it. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU
-the peak RSS (sampled every millisecond) during the steps minus the RSS at the start of training.
-
-``vrpo policy-bench`` prints the ratios side by side and writes them (with the settings) to
-JSON. Speed is measured here, never asserted in tests.
+Variants (each in a fresh subprocess, so its peak memory is its own; fp32, no gradient
+checkpointing, reference log-probs precomputed): ``trl-dpo`` (``trl.DPOTrainer``;
+``trl-dpo-refmodel``: with its default reference forward per step), ``dpo-naive`` /
+``dpo-shared`` (VRPOTrainer, ``lam = 0``; one row per response / the prompt encoded once: the
+suite's fastest DPO), ``vrpo-naive`` / ``vrpo-shared`` (``lam = 1``, one extra pair).
+A word-level tokenizer (one word, one token) gives every variant the same token ids; lengths
+are drawn once (seeded), prompts ~3x responses as in HH. A step is a whole Trainer iteration
+(collation, forward, loss, backward, clipping, AdamW, logging every 10 steps): the time between
+``on_step_end`` callbacks. Variants run in interleaved rounds; the headline is the minimum over
+timed steps and rounds (load only slows a step down), with the median of the rounds' medians.
+Peak memory: max allocated on GPU; on CPU the peak RSS (sampled each millisecond) minus the RSS
+at the start of training. ``vrpo policy-bench`` prints the ratios and writes them to JSON.
+Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -77,59 +67,42 @@ def _data(s: dict, n: int) -> dict:
     return d
 
 
-class _Meter:
-    """Step times (wall and process CPU) from ``on_step_end``, and the RSS peak sampled during training."""
+def _meter(device: str):
+    """A callback recording step times (wall, process CPU) at ``on_step_end`` and peak memory growth."""
+    import psutil
+    import torch
+    from transformers import TrainerCallback
 
-    def __init__(self, device: str):
-        from transformers import TrainerCallback
+    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731
 
-        meter = self
+    class Meter(TrainerCallback):
+        times, cpu, peak, base, done = [], [], 0.0, 0.0, threading.Event()
 
-        class CB(TrainerCallback):
-            def on_train_begin(self, *a, **k):
-                meter.start()
+        def on_train_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                self.base = torch.cuda.memory_allocated() / 2**20
+            else:  # sample the RSS every millisecond in a thread
+                self.base = self.peak = rss()
+                threading.Thread(target=self._sample, daemon=True).start()
+            self.last = (time.perf_counter(), time.process_time())
 
-            def on_step_end(self, *a, **k):
-                meter.tick()
+        def _sample(self):
+            while not self.done.is_set():
+                self.peak = max(self.peak, rss())
+                time.sleep(0.001)
 
-        self.callback, self.device = CB(), device
-        self.times, self.cpu, self.last, self.peak, self.base = [], [], None, 0.0, 0.0
-        self._stop = threading.Event()
+        def on_step_end(self, *a, **k):
+            now = (time.perf_counter(), time.process_time())
+            self.times.append(now[0] - self.last[0])
+            self.cpu.append(now[1] - self.last[1])
+            self.last = now
 
-    def _rss_mb(self) -> float:
-        import psutil
+        def peak_growth_mb(self) -> float:
+            self.done.set()
+            return (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else self.peak) - self.base
 
-        return psutil.Process().memory_info().rss / 2**20
-
-    def start(self):
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.base = self.peak = self._rss_mb()
-            threading.Thread(target=self._sample, daemon=True).start()
-        self.last = (time.perf_counter(), time.process_time())
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss_mb())
-            time.sleep(0.001)
-
-    def tick(self):
-        now = (time.perf_counter(), time.process_time())
-        self.times.append(now[0] - self.last[0])
-        self.cpu.append(now[1] - self.last[1])
-        self.last = now
-
-    def peak_growth_mb(self) -> float:
-        import torch
-
-        self._stop.set()
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20 - self.base
-        return self.peak - self.base
+    return Meter()
 
 
 def run_variant(variant: str, s: dict) -> dict:
@@ -139,22 +112,15 @@ def run_variant(variant: str, s: dict) -> dict:
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from .tiny_lm import load_causal_lm, tiny_gpt2
+    from .tiny_lm import tiny_gpt2
     from .vrpo_trainer import VRPOConfig, VRPOTrainer
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_steps, B = s["warmup"] + s["steps"], s["batch_size"]
-    if s.get("model"):
-        model, tok = load_causal_lm(s["model"], dtype="float32", device=device)
-        d = _data({**s, "vocab": tok.vocab_size}, n_steps * B)
-        for c in ("prompt", "chosen", "rejected", "a_1", "a_2"):  # random ids as text for a real tokenizer
-            d[c] = [tok.decode([int(w[1:]) for w in x.split()]) for x in d[c]]
-    else:
-        tok = _word_tokenizer(s["vocab"])
-        model = tiny_gpt2(s["vocab"], n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=4,
-                          n_positions=s["prompt_tokens"] + s["response_tokens"] + 8, eos_token_id=0, seed=s["seed"])
-        d = _data(s, n_steps * B)
+    tok, d = _word_tokenizer(s["vocab"]), _data(s, n_steps * B)
+    model = tiny_gpt2(s["vocab"], n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=4,
+                      n_positions=s["prompt_tokens"] + s["response_tokens"] + 8, eos_token_id=0, seed=s["seed"])
     common = dict(output_dir=os.path.join(s.get("tmp") or "/tmp", f"policy-bench-{variant}"), report_to=[],
                   per_device_train_batch_size=B, max_steps=n_steps, learning_rate=1e-5, save_strategy="no",
                   disable_tqdm=True, gradient_checkpointing=False, bf16=s["precision"] == "bf16",
@@ -169,8 +135,8 @@ def run_variant(variant: str, s: dict) -> dict:
         args = VRPOConfig(lam=0.0 if method == "dpo" else 1.0, shared_prompt=path == "shared", **common)
         trainer = VRPOTrainer(model, args=args, train_dataset=Dataset.from_dict(d), processing_class=tok)
     trainer.remove_callback(PrinterCallback)
-    meter = _Meter(device)
-    trainer.add_callback(meter.callback)
+    meter = _meter(device)
+    trainer.add_callback(meter)
     trainer.train()
     peak = meter.peak_growth_mb()
     times, cpu = meter.times[s["warmup"]:], meter.cpu[s["warmup"]:]
@@ -196,32 +162,20 @@ def run_benchmark(settings: dict) -> dict:
                   f"{x['step_s_median'] * 1e3:7.1f} ms (cpu {x['step_cpu_s_median'] * 1e3:7.1f} ms)  peak "
                   f"+{x['peak_mem_mb']:7.1f} MiB", flush=True)
         load.append(os.getloadavg())
-    rows = {v: {"device": runs[v][0]["device"], "threads": runs[v][0]["threads"],
-                "step_s_min": min(t for x in runs[v] for t in x["step_s_all"]),
-                "step_s_median": statistics.median(x["step_s_median"] for x in runs[v]),
-                "step_cpu_s_median": statistics.median(x["step_cpu_s_median"] for x in runs[v]),
-                "peak_mem_mb": statistics.median(x["peak_mem_mb"] for x in runs[v]), "rounds": runs[v]}
+    med = lambda v, key: statistics.median(x[key] for x in runs[v])  # noqa: E731
+    rows = {v: {"device": runs[v][0]["device"], "threads": runs[v][0]["threads"], "rounds": runs[v],
+                "step_s_min": min(t for x in runs[v] for t in x["step_s_all"]), "step_s_median": med(v, "step_s_median"),
+                "step_cpu_s_median": med(v, "step_cpu_s_median"), "peak_mem_mb": med(v, "peak_mem_mb")}
             for v in VARIANTS}
-    ratios = {}
-    for k, (a, b, tt, tm) in RATIOS.items():
-        ratios[k] = {"step_time_min": rows[a]["step_s_min"] / rows[b]["step_s_min"],
-                     "step_time_median": rows[a]["step_s_median"] / rows[b]["step_s_median"],
-                     "step_cpu_time_median": rows[a]["step_cpu_s_median"] / rows[b]["step_cpu_s_median"],
-                     "peak_mem": rows[a]["peak_mem_mb"] / max(rows[b]["peak_mem_mb"], 1e-9),
-                     "target_time": tt, "target_mem": tm}
-    print(f"\n{'variant':18s} {'min step ms':>12s} {'median step ms':>15s} {'peak MiB':>10s}")
-    for v in VARIANTS:
-        print(f"{v:18s} {rows[v]['step_s_min'] * 1e3:12.1f} {rows[v]['step_s_median'] * 1e3:15.1f} "
-              f"{rows[v]['peak_mem_mb']:10.1f}")
-    print(f"\n{'ratio (' + str(rounds) + ' rounds)':30s} {'time min':>9s} {'time med':>9s} {'cpu med':>9s} "
-          f"{'peak mem':>9s}   targets (time, memory)")
-    for k, r in ratios.items():
-        print(f"{k:30s} {r['step_time_min']:9.2f} {r['step_time_median']:9.2f} {r['step_cpu_time_median']:9.2f} "
-              f"{r['peak_mem']:9.2f}   {r['target_time']} {r['target_mem']}")
-    print(f"load average (1, 5, 15 min) before/after: {load[0]} / {load[-1]}")
+    ratio = lambda a, b, key: rows[a][key] / max(rows[b][key], 1e-9)  # noqa: E731
+    ratios = {k: {"step_time_min": ratio(a, b, "step_s_min"), "step_time_median": ratio(a, b, "step_s_median"),
+                  "step_cpu_time_median": ratio(a, b, "step_cpu_s_median"), "peak_mem": ratio(a, b, "peak_mem_mb"),
+                  "target_time": tt, "target_mem": tm} for k, (a, b, tt, tm) in RATIOS.items()}
     result = {"settings": s, "variants": rows, "ratios": ratios, "cpu_count": os.cpu_count(), "load_avg": load}
-    out = Path(s.get("out") or "results/policy_bench.json")
-    write_json(out, result, indent=1)
+    from .policy_report import cost_section
+
+    print("\n" + cost_section(result))
+    out = write_json(Path(s.get("out") or "results/policy_bench.json"), result, indent=1)
     print(f"written {out}")
     return result
 

@@ -1,28 +1,17 @@
-"""Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch.
+"""Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch (``vrpo policy-demo``).
 
-No pretrained LM weights are reachable here, so ``pi_ref`` is a small GPT-2 whose
-tokenizer and weights are trained on HH text (SFT on prompt + chosen response of the
-policy split). Then, on disjoint, seeded splits of the HH harmless-base pairs:
-
-====== =====================================================================
-split  use
-====== =====================================================================
-train  SFT text for ``pi_ref``; DPO and VRPO pairs; prompts for ``a_1, a_2 ~ pi_ref``
-g      fits ``g``: a BT model on TF-IDF response features (:mod:`llm.judge`)
-judge  fits the judge: a BT model on frozen MiniLM embeddings (other features, other labels)
-eval   held-out pairs: implicit-reward accuracy; prompts for judged generations
-====== =====================================================================
-
-``pi_ref`` is trained with ``trl.SFTTrainer``; DPO (``lam = 0``) and VRPO (``lam = cfg.lam``,
-``g`` from the g model on both pairs) are two :class:`llm.vrpo_trainer.VRPOTrainer` runs from
-the same ``pi_ref`` with the same seed, data order and step budget. The gradient-variance
-probe measures, at fixed parameters (``pi_ref`` and each trained policy), the trace of the
-covariance of minibatch gradients of both objectives.
-
-Everything is cached under ``cfg.cache_dir`` (tokenizer, ``pi_ref`` as safetensors, aux
-responses, embeddings) and checkpointed under ``cfg.results_dir`` (TRL checkpoints; a rerun
-resumes or reuses them); results (JSON with the resolved config), the figure and the report
-fragment are generated from the run. ``vrpo policy-demo`` is the command.
+No pretrained LM weights are reachable here, so the tokenizer and ``pi_ref`` are trained on HH text
+(``trl.SFTTrainer`` on prompt + chosen of the train split). Disjoint seeded splits of the HH
+harmless-base pairs: ``train`` (SFT text; DPO/VRPO pairs; prompts for ``a_1, a_2 ~ pi_ref``),
+``g`` (a BT model on TF-IDF response features, :mod:`llm.judge`), ``judge`` (a BT model on frozen
+MiniLM embeddings: other features, other labels), ``eval`` (held-out pairs: implicit-reward
+accuracy; prompts for judged generations). DPO (``lam = 0``) and VRPO (``lam = cfg.lam``, ``g`` from
+the g model on both pairs) are two :class:`llm.vrpo_trainer.VRPOTrainer` runs from the same
+``pi_ref``, seed, data order and budget. The gradient-variance probe measures, at fixed parameters
+(``pi_ref`` and each trained policy), the trace of the covariance of minibatch gradients of both
+objectives. Caches under ``cfg.cache_dir`` (tokenizer, ``pi_ref`` as safetensors, samples,
+embeddings), TRL checkpoints under ``cfg.results_dir`` (a rerun resumes or reuses them); results
+(JSON with the resolved config), figure and report fragment are generated from the run.
 """
 
 from __future__ import annotations
@@ -37,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo_common.fileio import atomic_path
+from vrpo_common.fileio import atomic_path, write_json
 
 __all__ = ["DemoConfig", "smoke_config", "run", "default_data_path"]
 
@@ -97,22 +86,17 @@ class DemoConfig:
     def __post_init__(self):
         if not self.data_path:
             self.data_path = str(default_data_path())
-        for name in ("n_train", "n_g", "n_judge", "n_eval", "vocab_size", "n_layer", "n_embd", "n_head",
-                     "max_prompt_tokens", "max_response_tokens", "sft_steps", "sft_batch_size", "max_new_tokens",
-                     "batch_size", "grad_accum", "steps", "probe_batch_size", "probe_pairs", "n_gen_prompts",
-                     "gen_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.probe_batch_size > self.n_train or self.batch_size > self.n_train:
-            raise ValueError("batch sizes must not exceed n_train")
-        if self.n_gen_prompts > self.n_eval:
-            raise ValueError(f"n_gen_prompts ({self.n_gen_prompts}) must be <= n_eval ({self.n_eval})")
-        if self.beta <= 0 or self.temperature <= 0 or self.lr <= 0 or self.sft_lr <= 0:
-            raise ValueError("beta, temperature, lr and sft_lr must be > 0")
-        if self.lam == 0:
-            raise ValueError("lam = 0 would make VRPO identical to the DPO baseline; use lam != 0")
+        small = [f for f, v in asdict(self).items() if type(v) is int and f not in ("seed", "warmup_steps") and v < 1]
+        checks = {f"{small} must be >= 1": not small,
+                  f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})": self.n_embd % self.n_head == 0,
+                  "batch sizes must not exceed n_train": max(self.probe_batch_size, self.batch_size) <= self.n_train,
+                  f"n_gen_prompts ({self.n_gen_prompts}) must be <= n_eval ({self.n_eval})":
+                      self.n_gen_prompts <= self.n_eval,
+                  "beta, temperature, lr and sft_lr must be > 0": min(self.beta, self.temperature, self.lr, self.sft_lr) > 0,
+                  "lam = 0 would make VRPO identical to the DPO baseline; use lam != 0": self.lam != 0}
+        for msg, ok in checks.items():
+            if not ok:
+                raise ValueError(msg)
 
     def part_hash(self, *fields: str) -> str:
         d = asdict(self)
@@ -129,31 +113,24 @@ def smoke_config(**over) -> DemoConfig:
     return DemoConfig(**base)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _splits(n_total: int, cfg: DemoConfig) -> dict[str, np.ndarray]:
-    need = cfg.n_train + cfg.n_g + cfg.n_judge + cfg.n_eval
-    if need > n_total:
-        raise ValueError(f"splits need {need} pairs, the data has {n_total}")
+    sizes = {"train": cfg.n_train, "g": cfg.n_g, "judge": cfg.n_judge, "eval": cfg.n_eval}
+    if sum(sizes.values()) > n_total:
+        raise ValueError(f"splits need {sum(sizes.values())} pairs, the data has {n_total}")
+    ends = np.cumsum(list(sizes.values()))
     perm = np.random.default_rng(cfg.seed).permutation(n_total)
-    out, s = {}, 0
-    for name, k in (("train", cfg.n_train), ("g", cfg.n_g), ("judge", cfg.n_judge), ("eval", cfg.n_eval)):
-        out[name] = np.sort(perm[s : s + k])
-        s += k
-    return out
+    return {k: np.sort(perm[e - n : e]) for (k, n), e in zip(sizes.items(), ends)}
 
 
 def _log(msg: str, t0: float) -> None:
     print(f"[policy-demo {time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
-def _train(method: str, lam: float, pi_ref_state: dict, make_model, tok, cfg: DemoConfig, out_dir: Path, train_ds,
-           eval_ds, g_model):
+def _train(lam: float, pi_ref_state: dict, make_model, tok, cfg: DemoConfig, out_dir: Path, train_ds, eval_ds,
+           g_model):
     """One VRPOTrainer run from ``pi_ref`` (``lam = 0``: DPO, which also prepares the held-out pairs);
     resumes from (or reuses) its checkpoints."""
+    import torch
     from transformers import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -166,7 +143,7 @@ def _train(method: str, lam: float, pi_ref_state: dict, make_model, tok, cfg: De
         learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.steps, lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps,
         weight_decay=0.0, max_grad_norm=1.0, shared_prompt=cfg.shared_prompt, bf16=cfg.precision == "bf16",
-        use_cpu=not __import__("torch").cuda.is_available(), seed=cfg.seed, precompute_ref_log_probs=True,
+        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, precompute_ref_log_probs=True,
         max_prompt_length=cfg.max_prompt_tokens, max_completion_length=cfg.max_response_tokens, max_length=None,
         save_strategy="steps", save_steps=cfg.checkpoint_every, logging_steps=1, report_to=[],
         disable_tqdm=not cfg.progress)
@@ -234,8 +211,7 @@ def run(cfg: DemoConfig) -> dict:
         sft_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(sft_path) as tmp:
             save_model(model, str(tmp))
-        _atomic_write_text(sft_meta, json.dumps({"losses": sft_losses, "config": resolved,
-                                                 "train_wall_s": time.time() - t}))
+        write_json(sft_meta, {"losses": sft_losses, "config": resolved, "train_wall_s": time.time() - t})
     model.eval()
     timings["sft_s"] = time.time() - t
     _log(f"pi_ref ready (SFT loss {sft_losses[0]:.2f} -> {np.mean(sft_losses[-20:]):.2f})", t0)
@@ -284,7 +260,7 @@ def run(cfg: DemoConfig) -> dict:
     for method, lam in (("dpo", 0.0), ("vrpo", cfg.lam)):
         t = time.time()
         trainers[method], policies[method], train_hist[method] = _train(
-            method, lam, pi_ref_state, make_model, tok, cfg, res / f"{method}-{run_key}", train_ds, eval_ds, g_text)
+            lam, pi_ref_state, make_model, tok, cfg, res / f"{method}-{run_key}", train_ds, eval_ds, g_text)
         timings[f"train_{method}_s"] = time.time() - t
         _log(f"{method}: {cfg.steps} steps, last loss {train_hist[method][-1]['loss']:.4f}", t0)
     vr = trainers["vrpo"]
@@ -355,7 +331,7 @@ def run(cfg: DemoConfig) -> dict:
         "timings_s": timings,
     }
     res.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(res / "results.json", json.dumps(results, indent=1))
+    write_json(res / "results.json", results, indent=1)
     from .policy_report import write_report
 
     write_report(results, Path(cfg.fig_dir))

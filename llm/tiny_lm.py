@@ -4,7 +4,6 @@
   wrapped as a ``transformers`` fast tokenizer with ``<|endoftext|>`` as EOS and pad.
 - :func:`tiny_gpt2`: a randomly initialised ``GPT2LMHeadModel`` (dropout off, as DPO wants).
 - :func:`sft`: next-token training on ``prompt + response`` token ids (``trl.SFTTrainer``); the result is ``pi_ref``.
-- :func:`load_causal_lm`: the real path, ``AutoModelForCausalLM.from_pretrained`` by name or path.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["EOS", "train_bpe_tokenizer", "tiny_gpt2", "load_causal_lm", "encode_pair_texts", "sft"]
+__all__ = ["EOS", "train_bpe_tokenizer", "tiny_gpt2", "encode_pair_texts", "sft"]
 
 EOS = "<|endoftext|>"
 
@@ -59,20 +58,6 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 4, n_embd: int = 128, n_head: int 
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
-
-
-def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
-    """``AutoModelForCausalLM`` + tokenizer by hub name or local path (Pythia, Qwen, ...).
-
-    Adds a pad token (= EOS) when the tokenizer has none. ``dtype`` in {float32, bfloat16, float16}.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype)).to(device)
-    return model, tok
 
 
 def encode_pair_texts(tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[str]],

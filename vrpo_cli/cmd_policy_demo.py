@@ -35,10 +35,8 @@ def register(subparsers) -> None:
         "policy-bench",
         help="step time and peak memory of VRPOTrainer (DPO and VRPO, naive and shared-prompt) vs trl.DPOTrainer",
         description="Same model and batch for every variant; each variant runs in a fresh subprocess so its peak "
-        "memory is its own; variants interleaved over rounds. Default model: a GPT-2 of the demo's shape; --model "
-        "takes a hub name or path.",
+        "memory is its own; variants interleaved over rounds. Model: a random GPT-2 of the demo's shape.",
     )
-    b.add_argument("--model", help="AutoModelForCausalLM name or path (default: random GPT-2, demo shape)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--prompt-tokens", type=int, default=192)
     b.add_argument("--response-tokens", type=int, default=64)
