@@ -43,17 +43,6 @@ RATIOS = {
 }
 
 
-def _word_tokenizer(vocab: int):
-    """Word-level tokenizer ``w0 .. w{vocab-2}`` plus ``<eos>`` (= pad): one word, one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(vocab - 1)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
 def _data(s: dict, n: int) -> dict:
     import numpy as np
 
@@ -112,13 +101,13 @@ def run_variant(variant: str, s: dict) -> dict:
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from .tiny_lm import tiny_gpt2
+    from .tiny_lm import tiny_gpt2, word_tokenizer
     from .vrpo_trainer import VRPOConfig, VRPOTrainer
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_steps, B = s["warmup"] + s["steps"], s["batch_size"]
-    tok, d = _word_tokenizer(s["vocab"]), _data(s, n_steps * B)
+    tok, d = word_tokenizer(s["vocab"]), _data(s, n_steps * B)
     model = tiny_gpt2(s["vocab"], n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=4,
                       n_positions=s["prompt_tokens"] + s["response_tokens"] + 8, eos_token_id=0, seed=s["seed"])
     common = dict(output_dir=os.path.join(s.get("tmp") or "/tmp", f"policy-bench-{variant}"), report_to=[],

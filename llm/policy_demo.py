@@ -187,9 +187,7 @@ def run(cfg: DemoConfig) -> dict:
     # ---------------------------------------------------------------- tokenizer + pi_ref
     t = time.time()
     tr = part["train"]
-    key = cfg.part_hash("data_path", "seed", "n_train", "n_g", "n_judge", "n_eval", "vocab_size")
-    tok = train_bpe_tokenizer((tr.prompt + " " + tr.chosen).tolist(), vocab_size=cfg.vocab_size,
-                              save_dir=cache / f"tokenizer-{key}")
+    tok = train_bpe_tokenizer((tr.prompt + " " + tr.chosen).tolist(), vocab_size=cfg.vocab_size)
     n_pos = cfg.max_prompt_tokens + max(cfg.max_response_tokens, cfg.max_new_tokens) + 8
     make_model = lambda: tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=n_pos,  # noqa: E731
                                    eos_token_id=tok.eos_token_id, seed=cfg.seed)

@@ -1,32 +1,29 @@
 """A small GPT-2-style causal LM trained from scratch on HH text (offline stand-in for Pythia/Qwen).
 
 - :func:`train_bpe_tokenizer`: byte-level BPE (``tokenizers``) trained on the given texts,
-  wrapped as a ``transformers`` fast tokenizer with ``<|endoftext|>`` as EOS and pad.
+  wrapped as a ``transformers`` fast tokenizer with ``<|endoftext|>`` as EOS and pad;
+  :func:`word_tokenizer`: one token per word ``w<i>`` (benchmarks and tests with exact lengths).
 - :func:`tiny_gpt2`: a randomly initialised ``GPT2LMHeadModel`` (dropout off, as DPO wants).
 - :func:`sft`: next-token training on ``prompt + response`` token ids (``trl.SFTTrainer``); the result is ``pi_ref``.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-__all__ = ["EOS", "train_bpe_tokenizer", "tiny_gpt2", "encode_pair_texts", "sft"]
+__all__ = ["EOS", "train_bpe_tokenizer", "word_tokenizer", "tiny_gpt2", "encode_pair_texts", "sft"]
 
 EOS = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096, save_dir: str | os.PathLike | None = None):
-    """Byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast`` (cached in ``save_dir`` if given)."""
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096):
+    """Byte-level BPE on ``texts`` (deterministic); returns a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if save_dir is not None and (Path(save_dir) / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(save_dir))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -37,13 +34,17 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096, save_dir: 
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
-    if save_dir is not None:
-        tmp = Path(tempfile.mkdtemp(dir=Path(save_dir).parent if Path(save_dir).parent.exists() else None))
-        hf.save_pretrained(str(tmp))
-        Path(save_dir).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, save_dir)
-    return hf
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+
+
+def word_tokenizer(vocab: int):
+    """Word-level tokenizer ``w0 .. w{vocab-2}`` plus ``<|endoftext|>`` (id 0, = pad): one word, one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({EOS: 0, **{f"w{i}": i + 1 for i in range(vocab - 1)}}, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
 def tiny_gpt2(vocab_size: int, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 512,

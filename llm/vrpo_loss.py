@@ -147,12 +147,6 @@ def vrpo_loss(margins: torch.Tensor, q: float, lam: float, g: torch.Tensor | Non
     return vr_objective(delta, Z, g, margins[:, 1:], g_aux, lam=lam)
 
 
-def self_g(frozen_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """The frozen policy's implied preference ``sigma(delta_frozen)`` for every pair, (B, P), no grad."""
-    with torch.no_grad():
-        return sigmoid(pair_margins(frozen_logps, ref_logps, beta))
-
-
 class PowerTuning:
     """Online ``lam`` for VRPO: running moments of per-pair loss derivatives (docs/vrpo_trainer.md, "lam = auto").
 

@@ -32,7 +32,7 @@ from trl.trainer.utils import use_adapter
 
 from vrpo_common.fileio import write_json
 
-from .vrpo_loss import PowerTuning, pad_batch, pair_margins, self_g, sequence_logps, soft_label, vrpo_loss
+from .vrpo_loss import PowerTuning, pad_batch, pair_margins, sequence_logps, soft_label, vrpo_loss
 
 __all__ = ["VRPOConfig", "VRPOTrainer", "DataCollatorForVRPO", "NonFiniteError", "G_SOURCES", "LOSS_TYPES"]
 
@@ -61,7 +61,8 @@ class VRPOConfig(DPOConfig):
     gradient checkpointing is off by default (the shared-prompt forward needs the KV cache).
     """
 
-    lam: float | str = field(default=1.0, metadata={"help": "0 = DPO, 1 = the paper's VRPO, float >= 0, or "
+    # "| None" makes HfArgumentParser pass command-line values as strings ("auto", "0.5"); None is rejected below
+    lam: float | str | None = field(default=1.0, metadata={"help": "0 = DPO, 1 = the paper's VRPO, float >= 0, or "
                              "'auto' (power-tuned online, clipped to [0, 1], logged)"})
     lam_auto_decay: float = field(default=0.99, metadata={"help": "per-step decay of the 'auto' moments (1: sums)"})
     g_source: str = field(default="columns", metadata={"help": "columns (g, g_aux) | model (the trainer's g_model("
@@ -438,7 +439,7 @@ class VRPOTrainer(DPOTrainer):
                     v.copy_(live[k])
                 self._frozen_step = step
             frozen = _AtParams(self.model, self._frozen)  # the policy's forward at the frozen parameters
-            g_all = self_g(sequence_logps(frozen, inputs, self._K).float(), ref, self.beta)  # (B, 1 + M)
+            g_all = pair_margins(sequence_logps(frozen, inputs, self._K).float(), ref, self.beta).sigmoid()  # (B, 1+M)
         return g_all[:, 0], g_all[:, 1:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

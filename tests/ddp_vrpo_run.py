@@ -40,7 +40,7 @@ def run(out: str, per_device: int, lora=None, callbacks=(), resume=False, **kw):
     from safetensors.torch import save_file
     from transformers import PrinterCallback
 
-    from llm.bench_policy import _word_tokenizer
+    from llm.tiny_lm import word_tokenizer
     from llm.tiny_lm import tiny_gpt2
     from llm.vrpo_trainer import VRPOConfig, VRPOTrainer
 
@@ -51,7 +51,7 @@ def run(out: str, per_device: int, lora=None, callbacks=(), resume=False, **kw):
                ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
     model = tiny_gpt2(VOCAB, n_layer=2, n_embd=32, n_head=2, n_positions=32, eos_token_id=0, seed=0)
     tr = VRPOTrainer(model, args=VRPOConfig(**{**cfg, **kw}), train_dataset=data(),
-                     processing_class=_word_tokenizer(VOCAB), peft_config=lora, callbacks=list(callbacks))
+                     processing_class=word_tokenizer(VOCAB), peft_config=lora, callbacks=list(callbacks))
     tr.remove_callback(PrinterCallback)
     tr.train(resume_from_checkpoint=resume or None)
     if tr.accelerator.is_main_process:

@@ -156,6 +156,15 @@ def test_config_validation(tmp_path, kw, msg):
     assert VRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, lam="0.5").lam == 0.5  # CLI strings
 
 
+def test_command_line_parsing_takes_auto_and_numbers(tmp_path):
+    from transformers import HfArgumentParser
+
+    for value, lam in (("auto", "auto"), ("0.25", 0.25)):
+        (cfg,) = HfArgumentParser(VRPOConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--lam", value, "--report_to", "none", "--use_cpu", "true"])
+        assert cfg.lam == lam and cfg.shared_prompt and not cfg.activation_checkpointing
+
+
 def test_g_model_needs_g_source_model(toy, tmp_path):
     tok, d = toy
     model = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=64, eos_token_id=tok.eos_token_id)

@@ -42,7 +42,7 @@ def test_win_rate_and_mean_ci_numbers():
 def test_gradient_variance_probe_matches_direct_computation(tmp_path):
     """The pair estimator ||G1 - G2||^2 / 2 recomputed by hand on the same minibatches."""
     pytest.importorskip("trl")
-    from llm.bench_policy import _word_tokenizer
+    from llm.tiny_lm import word_tokenizer
     from llm.policy_eval import gradient_variance_probe
     from llm.tiny_lm import tiny_gpt2
     from llm.vrpo_loss import pair_margins, sequence_logps, vrpo_loss
@@ -57,7 +57,7 @@ def test_gradient_variance_probe_matches_direct_computation(tmp_path):
             "g_aux": rng.uniform(0, 1, n).tolist(), "ref_logps": rng.normal(-5, 1, (n, 4)).tolist()}
     model = tiny_gpt2(50, n_layer=1, n_embd=16, n_head=2, n_positions=16, seed=0)
     args = VRPOConfig(output_dir=str(tmp_path), beta=0.5, lam=1.0, report_to=[], use_cpu=True, bf16=False)
-    tr = VRPOTrainer(model, args=args, train_dataset=data, processing_class=_word_tokenizer(50))
+    tr = VRPOTrainer(model, args=args, train_dataset=data, processing_class=word_tokenizer(50))
     out = gradient_variance_probe(model, tr, lam=1.0, batch_size=4, n_pairs=2, seed=3, progress=False)
     rng2 = np.random.default_rng(3)
     grads = {"dpo": [], "vrpo": []}
