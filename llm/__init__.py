@@ -1,12 +1,9 @@
-"""LLM side of the suite: HH data, frozen text features, VRPO on TRL and the experiments on LMs.
-
-``from llm import VRPOTrainer, VRPOConfig`` (imported lazily: ``import llm.data`` does not load TRL).
-"""
+"""HH data, frozen text features, VRPO on TRL (``from llm import VRPOTrainer, VRPOConfig``, loaded lazily), LM experiments."""
 
 __all__ = ["VRPOTrainer", "VRPOConfig"]
 
 
-def __getattr__(name):
+def __getattr__(name):  # import llm.data etc. without loading TRL
     if name in __all__:
         from . import vrpo_trainer
 

@@ -12,7 +12,7 @@ cross-validation on its own training split. Two feature maps:
   a representation.
 
 An instance is callable as ``model(prompts, a, b) -> P(a > b)``, the ``g_model``
-signature of :func:`llm.trainer.build_preference_data`.
+of :class:`llm.vrpo_trainer.VRPOTrainer` (``g_source="model"``).
 """
 
 from __future__ import annotations

@@ -1,26 +1,17 @@
-"""DPO/VRPO on a causal LM: padded batches, sequence log-probs, implicit-reward margins,
-the VR objective of :mod:`vrpo.loss` on them, and the online power tuning of ``lam``.
+"""DPO/VRPO on a causal LM: padded batches, sequence log-probs, margins, the loss, online ``lam``.
 
-Nothing here re-derives the loss: :func:`vrpo_loss` hands the DPO margins
-``delta = beta * (log pi/pi_ref (y1) - log pi/pi_ref (y2))`` to :func:`vrpo.loss.vr_objective`
-(METHOD.md s2, "One-stage") with the logistic loss ``l`` and the soft label ``q`` of the
-labelled pair:
+:func:`vrpo_loss` hands the DPO margins ``delta = beta * (log pi/pi_ref (y1) - log pi/pi_ref (y2))``
+to :func:`vrpo.loss.vr_objective` (METHOD.md s2, "One-stage"; logistic ``l``, soft label ``q``):
+``L = mean_i[l(delta_i, q) - lam l(delta_i, g_i)] + lam mean_{i,m} l(delta_im, g_im)``.
 
-    L = mean_i[ l(delta_i, q) - lam l(delta_i, g_i) ] + lam mean_{i,m} l(delta_im, g_im)
-
-Why a forward of our own (TRL 1.16 has no equivalent): :func:`sequence_logps` can encode
-each prompt **once** and continue its KV cache with all ``K = 2 + 2M`` responses of the
-example (chosen, rejected and the M extra pairs), gradients flowing through the prompt's
-keys and values. TRL's DPO forward runs ``prompt + response`` as a separate row per
-response, so VRPO's extra pairs would cost a full prompt each.
-
-Batch layout (from :func:`pad_batch`); response order per example is
-``[chosen, rejected, a_1[0], a_2[0], a_1[1], a_2[1], ...]``, so pair ``j`` is columns ``(2j, 2j+1)``:
-
-- shared prompt: ``prompt_input_ids`` (B, Tp) left-padded, ``completion_input_ids`` (B*K, Tr)
-  right-padded, with their ``*_attention_mask``;
-- naive: ``input_ids`` (B*K, T) left-padded ``prompt + response`` rows with ``attention_mask``,
-  and ``completion_mask`` (B*K, Tr) over the last ``Tr`` positions.
+Kept here because TRL 1.16 has no equivalent: the shared-prompt forward, which encodes each
+prompt once and continues its KV cache with all ``K = 2 + 2M`` responses (gradients flow through
+the prompt's keys and values); TRL runs ``prompt + response`` as one row per response, so each
+extra pair would cost a full prompt. Responses per example: ``[chosen, rejected, a_1[0], a_2[0],
+a_1[1], ...]``, pair ``j`` = columns ``(2j, 2j+1)``. Layouts (:func:`pad_batch`): shared:
+``prompt_input_ids`` (B, Tp) left-padded, ``completion_input_ids`` (B*K, Tr) right-padded, with
+``*_attention_mask``; naive: ``input_ids`` (B*K, T) left-padded rows, ``attention_mask``,
+``completion_mask`` (B*K, Tr) over the last ``Tr`` positions.
 """
 
 from __future__ import annotations
@@ -31,10 +22,11 @@ import torch
 
 from vrpo.loss import sigmoid, vr_objective
 
-__all__ = ["pad_batch", "sequence_logps", "pair_margins", "soft_label", "vrpo_loss", "PowerTuning"]
+__all__ = ["left_pad", "pad_batch", "sequence_logps", "pair_margins", "soft_label", "vrpo_loss", "PowerTuning"]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ids and attention mask, both (N, max length)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -49,7 +41,7 @@ def pad_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id
     """Token ids -> padded tensors (layout in the module docstring). ``responses[i]``: K lists per example."""
     flat = [r for rs in responses for r in rs]  # B*K
     if shared_prompt:
-        pids, pmask = _left_pad(prompts, pad_id)  # (B, Tp)
+        pids, pmask = left_pad(prompts, pad_id)  # (B, Tp)
         Tr = max(len(r) for r in flat)
         rids = torch.full((len(flat), Tr), pad_id, dtype=torch.long)
         rmask = torch.zeros((len(flat), Tr), dtype=torch.long)
@@ -58,7 +50,7 @@ def pad_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id
             rmask[j, : len(r)] = 1
         return {"prompt_input_ids": pids, "prompt_attention_mask": pmask,
                 "completion_input_ids": rids, "completion_attention_mask": rmask}
-    ids, mask = _left_pad([p + r for p, rs in zip(prompts, responses) for r in rs], pad_id)  # (B*K, T)
+    ids, mask = left_pad([p + r for p, rs in zip(prompts, responses) for r in rs], pad_id)  # (B*K, T)
     rlen = torch.tensor([len(r) for r in flat])  # (B*K,)
     Tr = int(rlen.max())
     cmask = (torch.arange(Tr)[None, :] >= (Tr - rlen)[:, None]).long()  # (B*K, Tr): responses end at T-1
@@ -68,7 +60,7 @@ def pad_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id
 def _cache_arg(model) -> str:
     """Name of the KV-cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
     inner = getattr(model, "module", model)  # DDP
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    inner = getattr(inner, "get_base_model", lambda: inner)()  # PEFT
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
@@ -153,12 +145,6 @@ def vrpo_loss(margins: torch.Tensor, q: float, lam: float, g: torch.Tensor | Non
     if lam == 0:
         return vr_objective(delta, Z, lam=0.0)
     return vr_objective(delta, Z, g, margins[:, 1:], g_aux, lam=lam)
-
-
-def self_g(frozen_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """The frozen policy's implied preference ``sigma(delta_frozen)`` for every pair, (B, P), no grad."""
-    with torch.no_grad():
-        return sigmoid(pair_margins(frozen_logps, ref_logps, beta))
 
 
 class PowerTuning:

@@ -1,28 +1,17 @@
-"""VRPO as a TRL trainer: ``VRPOConfig(trl.DPOConfig)`` and ``VRPOTrainer(trl.DPOTrainer)``.
+"""VRPO as a TRL trainer: ``VRPOConfig(trl.DPOConfig)`` and ``VRPOTrainer(trl.DPOTrainer)`` (docs/vrpo_trainer.md).
 
-Constructed exactly like ``DPOTrainer``; everything of ``transformers.Trainer`` (accelerate
-data parallel, DeepSpeed/FSDP, PEFT adapters, logging integrations, checkpoints and
-``train(resume_from_checkpoint=...)``) comes from TRL. What this module adds (guide:
-docs/vrpo_trainer.md):
-
-- data: TRL's ``prompt, chosen, rejected`` plus the extra responses ``a_1, a_2`` from
-  ``pi_ref`` (one or ``M`` per example) and the auxiliary probabilities ``g``, ``g_aux``,
-  validated before training (one error naming the column and row, nothing repaired);
-  pre-tokenised ``*_ids`` columns skip tokenisation;
-- the loss: :func:`llm.vrpo_loss.vrpo_loss`, i.e. :func:`vrpo.loss.vr_objective` on the
-  DPO margins, with ``lam`` fixed or power-tuned online (``"auto"``), ``g`` from columns, a
-  preference model, a frozen copy of the policy or a constant;
-- the shared-prompt forward (:func:`llm.vrpo_loss.sequence_logps`), which TRL lacks;
-- a light step: no fused-head side outputs and no per-step host syncs for metrics;
-- checkpoints that carry the VRPO settings, a fingerprint of the data, the reference
-  log-probs, the ``lam`` moments and the frozen ``g`` model; a resume onto other data,
-  settings or ``pi_ref`` fails with a clear error.
+Constructed like ``DPOTrainer``; accelerate data parallel, DeepSpeed/FSDP, PEFT, logging and
+checkpoints come from TRL/transformers. Added here: the columns ``a_1, a_2`` (M extra responses
+from ``pi_ref``) and ``g, g_aux``, validated before training (one error naming column and row,
+nothing repaired); the loss :func:`llm.vrpo_loss.vrpo_loss` (= :func:`vrpo.loss.vr_objective` on
+the DPO margins) with ``lam`` fixed or power-tuned online; ``g`` from columns, a model, a frozen
+policy or a constant; the shared-prompt forward TRL lacks; a step without TRL's fused-head side
+outputs and per-step host syncs; checkpoints that refuse other data, settings or ``pi_ref``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -43,13 +32,14 @@ from trl.trainer.utils import use_adapter
 
 from vrpo_common.fileio import write_json
 
-from .vrpo_loss import PowerTuning, pad_batch, pair_margins, self_g, sequence_logps, soft_label, vrpo_loss
+from .vrpo_loss import PowerTuning, pad_batch, pair_margins, sequence_logps, soft_label, vrpo_loss
 
 __all__ = ["VRPOConfig", "VRPOTrainer", "DataCollatorForVRPO", "NonFiniteError", "G_SOURCES", "LOSS_TYPES"]
 
 G_SOURCES = ("columns", "model", "self", "constant")
 LOSS_TYPES = ("sigmoid", "robust")
-STATE_FILE, REF_FILE, SELF_G_FILE = "vrpo_state.json", "vrpo_ref_logps.safetensors", "vrpo_self_g.safetensors"
+PREPARED = ["prompt_ids", "chosen_ids", "rejected_ids", "a_1_ids", "a_2_ids", "g", "g_aux"]  # after preparation
+STATE_FILE, TENSOR_FILE = "vrpo_state.json", "vrpo_state.safetensors"  # in every checkpoint folder
 # the paper's reference code: per-response probabilities of the two members of a pair
 ALIASES = {"chosen_preference": ("g", "rejected_preference"), "a_1_preference": ("g_aux", "a_2_preference")}
 ALIAS_ATOL = 1e-6  # float32 storage of p and 1 - p
@@ -62,35 +52,26 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class VRPOConfig(DPOConfig):
-    r"""Configuration of :class:`VRPOTrainer`: every ``trl.DPOConfig`` field plus the VRPO ones.
+    """Every ``trl.DPOConfig`` field plus the VRPO ones (help strings; guide: docs/vrpo_trainer.md).
 
-    lam (`float` or `"auto"`, defaults to `1.0`): weight of the control variate; `0` is DPO,
-        `1` the paper's VRPO, `"auto"` power tuning online (clipped to [0, 1], logged as `lam`).
-    lam_auto_decay (`float`, defaults to `0.99`): per-step decay of the moments behind `"auto"`
-        (`1.0`: plain running sums).
-    g_source (`str`, defaults to `"columns"`): `"columns"` (`g`, `g_aux` in the data), `"model"`
-        (the trainer's `g_model(prompts, a, b) -> P(a > b)`, evaluated once on the text),
-        `"self"` (a frozen copy of the policy refreshed every `self_g_refresh` steps,
-        `g = sigma(delta_frozen)`), `"constant"` (`g = 1/2`).
-    shared_prompt (`bool`, defaults to `True`): encode each prompt once and continue its KV
-        cache with all responses (needs `gradient_checkpointing=False`).
-    max_prompt_length, max_completion_length (`int`, optional): keep the last prompt tokens /
-        the first tokens of every response (applied after tokenisation, before `max_length`).
-    label_smoothing (`float`, defaults to `0.0`): `eps` in [0, 0.5). With `loss_type="sigmoid"`:
-        conservative DPO, soft label `1 - eps` on the labelled pair (TRL 1.16's sigmoid ignores
-        it); with `"robust"`: robust DPO, label `(1 - eps) / (1 - 2 eps)` (equal to TRL's).
-    loss_type: `"sigmoid"` or `"robust"` (the losses linear in the label, so VR keeps its target).
-    gradient_checkpointing: off by default here (`True` in DPOConfig).
+    Differs from DPOConfig in: ``loss_type`` is ``"sigmoid"`` or ``"robust"`` (losses linear in the
+    label, so the VR correction keeps its target); ``label_smoothing`` ``eps`` in [0, 0.5) is the
+    soft label ``1 - eps`` of the labelled pair with ``"sigmoid"`` (conservative DPO; TRL 1.16's
+    sigmoid ignores it) and robust DPO's ``(1 - eps) / (1 - 2 eps)`` with ``"robust"`` (TRL's loss);
+    gradient checkpointing is off by default (the shared-prompt forward needs the KV cache).
     """
 
-    lam: float | str = field(default=1.0, metadata={"help": "control-variate weight >= 0, or 'auto'"})
-    lam_auto_decay: float = field(default=0.99, metadata={"help": "per-step decay of the lam='auto' moments"})
-    g_source: str = field(default="columns", metadata={"help": "columns | model | self | constant"})
+    # "| None" makes HfArgumentParser pass command-line values as strings ("auto", "0.5"); None is rejected below
+    lam: float | str | None = field(default=1.0, metadata={"help": "0 = DPO, 1 = the paper's VRPO, float >= 0, or "
+                             "'auto' (power-tuned online, clipped to [0, 1], logged)"})
+    lam_auto_decay: float = field(default=0.99, metadata={"help": "per-step decay of the 'auto' moments (1: sums)"})
+    g_source: str = field(default="columns", metadata={"help": "columns (g, g_aux) | model (the trainer's g_model("
+                          "prompts, a, b) -> P(a > b)) | self (frozen policy, g = sigma(margin)) | constant (1/2)"})
     self_g_refresh: int = field(default=20, metadata={"help": "steps between refreshes of the frozen g model"})
-    shared_prompt: bool = field(default=True, metadata={"help": "encode each prompt once for all responses"})
+    shared_prompt: bool = field(default=True, metadata={"help": "encode each prompt once for all its responses"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "keep the last prompt tokens"})
     max_completion_length: int | None = field(default=None, metadata={"help": "keep the first response tokens"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "incompatible with shared_prompt"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "off by default here"})
 
     def __post_init__(self):
         if isinstance(self.lam, str) and self.lam != "auto":
@@ -98,34 +79,28 @@ class VRPOConfig(DPOConfig):
                 self.lam = float(self.lam)
             except ValueError:
                 raise ValueError(f"lam must be a number >= 0 or 'auto', got {self.lam!r}") from None
-        if self.lam != "auto" and (isinstance(self.lam, bool) or not isinstance(self.lam, (int, float))
-                                   or not math.isfinite(self.lam) or self.lam < 0):
-            raise ValueError(f"lam must be a finite number >= 0 or 'auto', got {self.lam!r}")
-        if not 0 < self.lam_auto_decay <= 1:
-            raise ValueError(f"lam_auto_decay must be in (0, 1], got {self.lam_auto_decay}")
-        if self.g_source not in G_SOURCES:
-            raise ValueError(f"g_source must be one of {G_SOURCES}, got {self.g_source!r}")
-        if int(self.self_g_refresh) < 1:
-            raise ValueError(f"self_g_refresh must be >= 1, got {self.self_g_refresh}")
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if len(losses) != 1 or losses[0] not in LOSS_TYPES:
-            raise ValueError(f"VRPOTrainer supports one loss_type from {LOSS_TYPES}, got {losses}: the VR "
-                             "correction needs a loss linear in the label")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        for name in ("max_prompt_length", "max_completion_length"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        lam_ok = self.lam == "auto" or (isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool)
+                                        and math.isfinite(self.lam) and self.lam >= 0)
+        checks = {f"lam must be a finite number >= 0 or 'auto', got {self.lam!r}": lam_ok,
+                  "lam_auto_decay must be in (0, 1]": 0 < self.lam_auto_decay <= 1,
+                  f"g_source must be one of {G_SOURCES}": self.g_source in G_SOURCES,
+                  "self_g_refresh must be >= 1": int(self.self_g_refresh) >= 1,
+                  f"VRPOTrainer supports one loss_type from {LOSS_TYPES} (the VR correction needs a loss linear in "
+                  f"the label), got {losses}": len(losses) == 1 and losses[0] in LOSS_TYPES,
+                  "label_smoothing must be in [0, 0.5)": 0 <= self.label_smoothing < 0.5,
+                  "beta must be > 0": self.beta > 0,
+                  "max_prompt_length and max_completion_length must be >= 1 or None":
+                      all(v is None or int(v) >= 1 for v in (self.max_prompt_length, self.max_completion_length))}
         unsupported = {"ld_alpha": self.ld_alpha is not None, "use_weighting": self.use_weighting,
                        "f_divergence_type": self.f_divergence_type != "reverse_kl",
                        "loss_weights": self.loss_weights not in (None, [1.0]),
                        "truncation_mode": self.truncation_mode != "keep_start"}
-        if any(unsupported.values()):
-            raise ValueError(f"VRPOTrainer does not support these DPOConfig settings: "
-                             f"{[k for k, v in unsupported.items() if v]} (keep their defaults)")
+        checks[f"VRPOTrainer does not support these DPOConfig settings: {[k for k, v in unsupported.items() if v]} "
+               "(keep their defaults)"] = not any(unsupported.values())
+        for msg, ok in checks.items():
+            if not ok:
+                raise ValueError(msg)
         super().__post_init__()
         if self.shared_prompt and self.activation_checkpointing:
             raise ValueError("shared_prompt=True needs the KV cache, which gradient checkpointing disables: "
@@ -140,10 +115,9 @@ class VRPOConfig(DPOConfig):
 
 @dataclass
 class DataCollatorForVRPO(DataCollatorMixin):
-    """Pads prepared rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``a_1_ids``/``a_2_ids``
-    with M lists each, ``g``, ``g_aux``, ``ref_logps``) into :func:`llm.vrpo_loss.pad_batch` tensors
-    plus ``g`` (B,), ``g_aux`` (B, M), ``ref_logps`` (B, K). ``n_extra = 0``: DPO (K = 2).
-    Responses are cut to ``max_length - len(prompt)`` tokens (TRL's ``keep_start``)."""
+    """Prepared rows -> :func:`llm.vrpo_loss.pad_batch` tensors plus ``ref_logps`` (B, K), ``g`` (B,),
+    ``g_aux`` (B, M). ``n_extra = 0`` is DPO (K = 2). Responses are cut to ``max_length - len(prompt)``
+    tokens (TRL's ``keep_start``)."""
 
     pad_token_id: int
     shared_prompt: bool = True
@@ -152,22 +126,19 @@ class DataCollatorForVRPO(DataCollatorMixin):
     return_tensors: str = "pt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, responses = [], []
+        responses = []
         for ex in examples:
-            rs = [ex["chosen_ids"], ex["rejected_ids"]]
-            for m in range(self.n_extra):
-                rs += [ex["a_1_ids"][m], ex["a_2_ids"][m]]
-            if self.max_length is not None:
-                rs = [r[: self.max_length - len(ex["prompt_ids"])] for r in rs]
-            prompts.append(ex["prompt_ids"])
-            responses.append(rs)
-        out = pad_batch(prompts, responses, self.pad_token_id, self.shared_prompt)
-        K = 2 + 2 * self.n_extra
+            rs = [ex["chosen_ids"], ex["rejected_ids"]] + [r for m in range(self.n_extra)
+                                                           for r in (ex["a_1_ids"][m], ex["a_2_ids"][m])]
+            lim = None if self.max_length is None else self.max_length - len(ex["prompt_ids"])
+            responses.append([r[:lim] for r in rs])
+        out = pad_batch([ex["prompt_ids"] for ex in examples], responses, self.pad_token_id, self.shared_prompt)
+        f32 = lambda key, n=None: torch.tensor([ex[key][:n] if n else ex[key] for ex in examples],  # noqa: E731
+                                               dtype=torch.float32)
         if "ref_logps" in examples[0]:
-            out["ref_logps"] = torch.tensor([ex["ref_logps"][:K] for ex in examples], dtype=torch.float32)
+            out["ref_logps"] = f32("ref_logps", 2 + 2 * self.n_extra)  # (B, K)
         if self.n_extra and "g" in examples[0]:
-            out["g"] = torch.tensor([ex["g"] for ex in examples], dtype=torch.float32)  # (B,)
-            out["g_aux"] = torch.tensor([ex["g_aux"][: self.n_extra] for ex in examples], dtype=torch.float32)
+            out["g"], out["g_aux"] = f32("g"), f32("g_aux", self.n_extra)  # (B,), (B, M)
         return out
 
 
@@ -178,14 +149,10 @@ def _fail(name: str, col: str, row: int, msg: str, n_bad: int = 1):
 
 
 def _probabilities(name: str, col: str, values: list) -> None:
-    """Every value a real number in [0, 1] (lists allowed: one per extra pair)."""
-    bad = []
-    for i, v in enumerate(values):
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)) \
-                    or not 0 <= x <= 1:  # NaN fails the comparison too
-                bad.append((i, x))
-                break
+    """Every value a real number in [0, 1] (lists allowed: one per extra pair); NaN, bool, str fail."""
+    ok = lambda x: isinstance(x, (int, float, np.number)) and not isinstance(x, (bool, np.bool_)) and 0 <= x <= 1  # noqa: E731
+    bad = [(i, next(x for x in v if not ok(x)) if isinstance(v, (list, tuple)) else v) for i, v in enumerate(values)
+           if not (all(map(ok, v)) if isinstance(v, (list, tuple)) else ok(v))]
     if bad:
         _fail(name, col, bad[0][0], f"{bad[0][1]!r} is not a probability in [0, 1]", len(bad))
 
@@ -195,28 +162,23 @@ def _is_response_list(v) -> bool:
     return isinstance(v, (list, tuple)) and len(v) > 0 and not isinstance(v[0], (dict, int, np.integer))
 
 
-def _n_extra(name: str, cols: dict[str, list]) -> int:
-    """M of the extra-pair columns (equal on every row and across a_1, a_2, g_aux)."""
-    M = None
-    for col, values in cols.items():
-        for i, v in enumerate(values):
-            if isinstance(v, (list, tuple)) and len(v) == 0:
-                _fail(name, col, i, "empty list")
-            m = len(v) if _is_response_list(v) or (col == "g_aux" and isinstance(v, (list, tuple))) else 1
-            if M is None:
-                M, first = m, (col, i)
-            elif m != M:
-                _fail(name, col, i, f"{m} extra pairs, but {first[0]!r} row {first[1]} has {M}")
-    return M
-
-
 def _as_list(v) -> list:
     """One response or M responses -> a list of M responses."""
     return list(v) if _is_response_list(v) else [v]
 
 
-def _as_probs(v) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
+def _n_extra(name: str, cols: dict[str, list]) -> int:
+    """M of the extra-pair columns (equal on every row and across a_1, a_2, g_aux)."""
+    M = first = None
+    for col, values in cols.items():
+        for i, v in enumerate(values):
+            if isinstance(v, (list, tuple)) and len(v) == 0:
+                _fail(name, col, i, "empty list")
+            m = len(v) if _is_response_list(v) or (col == "g_aux" and isinstance(v, (list, tuple))) else 1
+            M, first = (m, (col, i)) if M is None else (M, first)
+            if m != M:
+                _fail(name, col, i, f"{m} extra pairs, but {first[0]!r} row {first[1]} has {M}")
+    return M
 
 
 def _resolve_aliases(ds: Dataset, name: str) -> Dataset:
@@ -226,13 +188,12 @@ def _resolve_aliases(ds: Dataset, name: str) -> Dataset:
             continue
         if target in ds.column_names:
             raise ValueError(f"{name} dataset has both {target!r} and its alias {alias!r}: keep one")
-        p = ds[alias]
+        p = ds[alias][:]
         _probabilities(name, alias, p)
         if partner in ds.column_names:
-            q = ds[partner]
+            q = ds[partner][:]
             _probabilities(name, partner, q)
-            bad = [i for i, (a, b) in enumerate(zip(p, q))
-                   if np.max(np.abs(np.asarray(a, float) + np.asarray(b, float) - 1)) > ALIAS_ATOL]
+            bad = [i for i, (a, b) in enumerate(zip(p, q)) if np.max(np.abs(np.add(a, b) - 1.0)) > ALIAS_ATOL]
             if bad:
                 _fail(name, partner, bad[0], f"{alias} + {partner} = {np.add(p[bad[0]], q[bad[0]])}, not 1; "
                       f"only complementary pairs map cleanly onto {target!r} (give {target!r} directly)", len(bad))
@@ -241,33 +202,17 @@ def _resolve_aliases(ds: Dataset, name: str) -> Dataset:
     return ds
 
 
-def _fingerprint(ds: Dataset, columns: list[str]) -> str:
-    """Content hash of the prepared columns (token ids and probabilities), independent of chunking."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    h = hashlib.sha256()
-
-    def walk(arr):
-        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            h.update(np.asarray(pc.list_value_length(arr).fill_null(-1)).tobytes())
-            walk(pc.list_flatten(arr))
-        else:
-            h.update(np.asarray(arr.cast(pa.float64()) if pa.types.is_floating(arr.type) else arr).tobytes())
-
-    for col in columns:
-        if col in ds.column_names:
-            h.update(col.encode())
-            walk(ds.data.table.column(col).combine_chunks())
-    return h.hexdigest()[:20]
+def _fingerprint(ds: Dataset) -> str:
+    """Content hash of the prepared columns (token ids and probabilities; JSON floats are exact)."""
+    blob = json.dumps(ds.select_columns([c for c in PREPARED if c in ds.column_names])[:], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 class _AtParams:
     """``module`` evaluated at other values of some parameters (``torch.func.functional_call``)."""
 
     def __init__(self, module, params: dict):
-        self.module, self.params = module, params
-        self.forward = module.forward  # for the cache-argument lookup
+        self.module, self.params, self.forward = module, params, module.forward  # forward: for the cache-arg lookup
 
     def __call__(self, **kwargs):
         return torch.func.functional_call(self.module, self.params, (), kwargs, strict=False)
@@ -276,10 +221,10 @@ class _AtParams:
 # ---------------------------------------------------------------------------------------- the trainer
 class VRPOTrainer(DPOTrainer):
     """VRPO (``lam > 0``) or DPO (``lam = 0``) on TRL. Arguments as ``trl.DPOTrainer``, plus
-    ``g_model``: a callable ``g_model(prompts, responses_a, responses_b) -> P(a > b)`` for
-    ``g_source="model"``. ``train_dataset`` may also be a ``dict`` of columns or a pandas
-    ``DataFrame``. Without ``ref_model`` (and without PEFT or precomputed reference
-    log-probs) the reference is a frozen copy of ``model`` as passed, i.e. ``pi_ref``.
+    ``g_model(prompts, responses_a, responses_b) -> P(a > b)`` for ``g_source="model"``;
+    ``train_dataset`` may also be a dict of columns or a pandas DataFrame. Without ``ref_model``
+    (and without PEFT or precomputed reference log-probs) the reference is a copy of ``model``
+    as passed, i.e. ``pi_ref``.
     """
 
     _tag_names = ["trl", "dpo", "vrpo"]
@@ -296,20 +241,17 @@ class VRPOTrainer(DPOTrainer):
             raise TypeError(f"args must be a VRPOConfig, got {type(args).__name__}")
         if (args.g_source == "model") != (g_model is not None):
             raise ValueError("g_source='model' needs g_model= (a callable), and g_model needs g_source='model'")
-        self._g_model, self._n_extra_pairs = g_model, None
-        self._uses_extra = args.lam != 0
-        train_dataset, eval_dataset = self._to_dataset(train_dataset), self._to_dataset(eval_dataset)
+        self._g_model, self._n_extra_pairs, self._uses_extra = g_model, None, args.lam != 0
         if ref_model is None and not isinstance(model, str) and peft_config is None and not is_peft_model(model) \
                 and not args.precompute_ref_log_probs:
             ref_model = copy.deepcopy(model)  # pi_ref = the model as passed (TRL would reload it from its hub id)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
-                         quantization_config=quantization_config, peft_config=peft_config)
+                         train_dataset=self._to_dataset(train_dataset), eval_dataset=self._to_dataset(eval_dataset),
+                         processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
         if self._is_vlm or self.aux_loss_enabled:
             raise NotImplementedError("VRPOTrainer supports text-only causal LMs without a MoE router loss")
-        if data_collator is None:
-            self.data_collator = self._collator()
+        self.data_collator = data_collator or self._collator()
         self._q = soft_label(args.loss_type[0], args.label_smoothing)
         self._power = PowerTuning(args.lam_auto_decay) if args.lam == "auto" else None
         self._lam = 0.0 if args.lam == "auto" else float(args.lam)
@@ -323,14 +265,10 @@ class VRPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------ data
     @staticmethod
     def _to_dataset(ds):
-        if ds is None or isinstance(ds, (Dataset, IterableDataset)) or isinstance(ds, dict) and ds and \
-                all(isinstance(v, (Dataset, IterableDataset)) for v in ds.values()):
-            return ds
-        if isinstance(ds, dict):
+        """A dict of columns or a pandas DataFrame becomes a ``datasets.Dataset`` (TRL rejects other types)."""
+        if isinstance(ds, dict) and not all(isinstance(v, (Dataset, IterableDataset)) for v in ds.values()):
             return Dataset.from_dict(ds)
-        if type(ds).__name__ == "DataFrame":
-            return Dataset.from_pandas(ds, preserve_index=False)
-        return ds  # TRL raises its TypeError
+        return Dataset.from_pandas(ds, preserve_index=False) if type(ds).__name__ == "DataFrame" else ds
 
     @property
     def _K(self) -> int:
@@ -342,103 +280,92 @@ class VRPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, resolve ``g``, tokenise (TRL's own code, also for the extra pairs), truncate, filter."""
+        name = dataset_name
         if isinstance(dataset, IterableDataset):
-            raise TypeError(f"{dataset_name} dataset: VRPOTrainer needs a map-style datasets.Dataset "
-                            "(every row is validated before training)")
-        ds = _resolve_aliases(dataset, dataset_name)
-        tokenized = all(c in ds.column_names for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            raise TypeError(f"{name} dataset: VRPOTrainer needs a map-style datasets.Dataset (rows are validated)")
+        ds = _resolve_aliases(dataset, name)
+        tokenized = all(c in ds.column_names for c in PREPARED[:3])
         sfx = "_ids" if tokenized else ""
         need = [c + sfx for c in ("prompt", "chosen", "rejected") if c != "prompt" or tokenized or self._uses_extra]
-        need += ["a_1" + sfx, "a_2" + sfx] if self._uses_extra else []
-        if self._uses_extra and args.g_source == "columns":
-            need += ["g", "g_aux"]
+        need += (["a_1" + sfx, "a_2" + sfx] if self._uses_extra else []) + \
+            (["g", "g_aux"] if self._uses_extra and args.g_source == "columns" else [])
         missing = [c for c in need if c not in ds.column_names]
         if missing:
             why = f" (lam = {args.lam}, g_source = {args.g_source!r})" if self._uses_extra else ""
-            raise ValueError(f"{dataset_name} dataset lacks column(s) {missing}{why}; it has {ds.column_names}")
+            raise ValueError(f"{name} dataset lacks column(s) {missing}{why}; it has {ds.column_names}")
         for col in ("g", "g_aux"):
             if col in ds.column_names:
-                _probabilities(dataset_name, col, ds[col])
-        M = 0
+                _probabilities(name, col, ds[col][:])
+        M, extra = 0, {}
         if self._uses_extra:
-            extra = {c: ds[c] for c in ("a_1" + sfx, "a_2" + sfx)}
-            if args.g_source == "columns":
-                extra["g_aux"] = ds["g_aux"]
-            M = _n_extra(dataset_name, extra)
+            extra = {c: ds[c][:] for c in ["a_1" + sfx, "a_2" + sfx] + (["g_aux"] if args.g_source == "columns" else [])}
+            M = _n_extra(name, extra)
             if args.g_source == "model":
-                ds = self._g_from_model(ds, M, dataset_name)
+                ds = self._g_from_model(ds, M, name)
             elif args.g_source == "columns":
-                ds = ds.remove_columns("g_aux").add_column("g_aux", [_as_probs(v) for v in extra["g_aux"]])
+                ds = ds.remove_columns("g_aux").add_column("g_aux", [list(v) if isinstance(v, (list, tuple)) else [v]
+                                                                     for v in extra["g_aux"]])
             if self._n_extra_pairs not in (None, M):
-                raise ValueError(f"{dataset_name} dataset has {M} extra pairs per example, the training data "
+                raise ValueError(f"{name} dataset has {M} extra pairs per example, the training data "
                                  f"{self._n_extra_pairs}")
         self._n_extra_pairs = M
         no_filter = copy.copy(args)
         no_filter.max_length = None  # filtered below, after our truncation
         if not tokenized:
-            base = ds.remove_columns([c for c in ("a_1", "a_2") if c in ds.column_names])
-            ds = DPOTrainer._prepare_dataset(self, base, processing_class, no_filter, dataset_name)
+            ds = DPOTrainer._prepare_dataset(self, ds.remove_columns([c for c in ("a_1", "a_2") if c in ds.column_names]),
+                                             processing_class, no_filter, name)
             if M:
-                ds = self._tokenize_extra(ds, dataset["a_1"], dataset["a_2"], M, processing_class, no_filter,
-                                          dataset_name)
+                ds = self._tokenize_extra(ds, extra["a_1"], extra["a_2"], M, processing_class, no_filter, name)
         elif M:
             ds = ds.map(lambda ex: {c: _as_list(ex[c]) for c in ("a_1_ids", "a_2_ids")})
-        ds = self._truncate_and_check(ds, args, dataset_name, M)
-        keep = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["a_1_ids", "a_2_ids"] if M else []) \
-            + [c for c in ("g", "g_aux", "ref_logps") if c in ds.column_names and (M or c == "ref_logps")]
-        return ds.select_columns(keep)
+        ds = self._truncate_and_check(ds, args, name, M)
+        keep = PREPARED[: 5 if M else 3] + (["g", "g_aux"] if M else []) + ["ref_logps"]
+        return ds.select_columns([c for c in keep if c in ds.column_names])
 
     def _g_from_model(self, ds: Dataset, M: int, name: str) -> Dataset:
-        prompts = ds["prompt"]
-        a_1, a_2 = [_as_list(v) for v in ds["a_1"]], [_as_list(v) for v in ds["a_2"]]
-        g = np.asarray(self._g_model(prompts, ds["chosen"], ds["rejected"]), float).reshape(-1)
-        g_aux = np.stack([np.asarray(self._g_model(prompts, [a[m] for a in a_1], [a[m] for a in a_2]), float)
-                          .reshape(-1) for m in range(M)], axis=1)  # (n, M)
+        prompts, pair = ds["prompt"][:], lambda col, m: [_as_list(v)[m] for v in ds[col][:]]  # noqa: E731
+        g = np.asarray(self._g_model(prompts, ds["chosen"][:], ds["rejected"][:]), float).reshape(-1)
+        g_aux = np.stack([np.asarray(self._g_model(prompts, pair("a_1", m), pair("a_2", m)), float).reshape(-1)
+                          for m in range(M)], axis=1)  # (n, M)
         if g.shape != (len(ds),) or g_aux.shape != (len(ds), M):
             raise ValueError(f"g_model must return one probability per pair; got {g.shape} for {len(ds)} pairs")
-        _probabilities(f"{name} (g_model output)", "g", g.tolist())
-        _probabilities(f"{name} (g_model output)", "g_aux", g_aux.tolist())
-        return ds.remove_columns([c for c in ("g", "g_aux") if c in ds.column_names]) \
-            .add_column("g", g.tolist()).add_column("g_aux", g_aux.tolist())
+        for col, v in (("g", g.tolist()), ("g_aux", g_aux.tolist())):
+            _probabilities(f"{name} (g_model output)", col, v)
+            ds = (ds.remove_columns(col) if col in ds.column_names else ds).add_column(col, v)
+        return ds
 
     def _tokenize_extra(self, ds, a_1, a_2, M, processing_class, args, name) -> Dataset:
         """Tokenise each extra pair exactly as TRL tokenises (chosen, rejected), then move the
         prompt/response boundary to the shortest tokenised prompt of the row, so that every
         response continues the same prompt ids (each full sequence is unchanged)."""
         a_1, a_2 = [_as_list(v) for v in a_1], [_as_list(v) for v in a_2]
-        parts = []
+        groups = [(ds["prompt_ids"][:], ds["chosen_ids"][:], ds["rejected_ids"][:])]  # (prompt, first, second) ids
         for m in range(M):
-            dm = Dataset.from_dict({"prompt": ds["prompt"], "chosen": [a[m] for a in a_1],
+            dm = Dataset.from_dict({"prompt": ds["prompt"][:], "chosen": [a[m] for a in a_1],
                                     "rejected": [a[m] for a in a_2]})
             dm = DPOTrainer._prepare_dataset(self, dm, processing_class, args, f"{name} extra pair {m}")
-            parts.append((dm["prompt_ids"], dm["chosen_ids"], dm["rejected_ids"]))
-        P = ds["prompt_ids"]
-        L = [min([len(p)] + [len(part[0][i]) for part in parts]) for i, p in enumerate(P)]
-        n = range(len(P))
-        cols = {"prompt_ids": [P[i][: L[i]] for i in n],
-                "chosen_ids": [P[i][L[i] :] + c for i, c in zip(n, ds["chosen_ids"])],
-                "rejected_ids": [P[i][L[i] :] + r for i, r in zip(n, ds["rejected_ids"])],
-                "a_1_ids": [[pp[0][i][L[i] :] + pp[1][i] for pp in parts] for i in n],
-                "a_2_ids": [[pp[0][i][L[i] :] + pp[2][i] for pp in parts] for i in n]}
+            groups.append((dm["prompt_ids"][:], dm["chosen_ids"][:], dm["rejected_ids"][:]))
+        n = range(len(ds))
+        L = [min(len(g[0][i]) for g in groups) for i in n]
+        moved = lambda g, j: [g[0][i][L[i] :] + g[j][i] for i in n]  # noqa: E731  boundary moved to L
+        cols = {"prompt_ids": [groups[0][0][i][: L[i]] for i in n], "chosen_ids": moved(groups[0], 1),
+                "rejected_ids": moved(groups[0], 2),
+                "a_1_ids": [list(x) for x in zip(*[moved(g, 1) for g in groups[1:]])],
+                "a_2_ids": [list(x) for x in zip(*[moved(g, 2) for g in groups[1:]])]}
         ds = ds.remove_columns([c for c in cols if c in ds.column_names])
         for c, v in cols.items():
             ds = ds.add_column(c, v)
         return ds
 
     def _truncate_and_check(self, ds: Dataset, args, name: str, M: int) -> Dataset:
-        cols = ["chosen_ids", "rejected_ids"] + (["a_1_ids", "a_2_ids"] if M else [])
-        if args.max_prompt_length or args.max_completion_length:
-            P, R = args.max_prompt_length, args.max_completion_length
-
-            def cut(ex):
-                out = {"prompt_ids": ex["prompt_ids"][-P:] if P else ex["prompt_ids"]}
-                for c in cols:
-                    out[c] = [r[:R] for r in ex[c]] if c.startswith("a_") else ex[c][:R]
-                return out
-
-            ds = ds.map(cut, desc=f"Truncating {name} dataset")
-        for c in ["prompt_ids"] + cols:
-            for i, v in enumerate(ds[c]):
+        cols = PREPARED[1:5 if M else 3]
+        P, R = args.max_prompt_length, args.max_completion_length
+        if P or R:
+            ds = ds.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-P:] if P else ex["prompt_ids"],
+                                    **{c: [r[:R] for r in ex[c]] if c.startswith("a_") else ex[c][:R] for c in cols}},
+                        desc=f"Truncating {name} dataset")
+        for c in PREPARED[:1] + cols:
+            for i, v in enumerate(ds[c][:]):
                 if not v or (c.startswith("a_") and any(len(r) == 0 for r in v)):
                     _fail(name, c, i, "empty token list (a causal LM needs >= 1 prompt and >= 1 response token)")
         if args.max_length is not None:
@@ -452,9 +379,7 @@ class VRPOTrainer(DPOTrainer):
         return ds
 
     def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "a_1_ids", "a_2_ids", "g", "g_aux",
-                                       "ref_logps"]
+        self._signature_columns = self._signature_columns or [*PREPARED, "ref_logps"]
 
     # ------------------------------------------------------------------------------------ reference log-probs
     @torch.no_grad()
@@ -474,27 +399,23 @@ class VRPOTrainer(DPOTrainer):
 
         Rows are split across processes and gathered, so every process returns the whole table."""
         batch_size = batch_size or self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-        collate, dev = self._collator(), self.accelerator.device
-        rank, world, n = self.accelerator.process_index, self.accelerator.num_processes, len(dataset)
-        lo, hi = rank * n // world, (rank + 1) * n // world
+        collate, dev, world, n = self._collator(), self.accelerator.device, self.accelerator.num_processes, len(dataset)
+        lo, hi = self.accelerator.process_index * n // world, (self.accelerator.process_index + 1) * n // world
         module = model or self.model
-        was_training = module.training
+        was_training, out = module.training, []
         module.eval()
-        out = []
         for s in range(lo, hi, batch_size):
             rows = dataset[s : min(s + batch_size, hi)]
-            rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-            batch = {k: v.to(dev) for k, v in collate(rows).items()}
+            batch = {k: v.to(dev) for k, v in collate([dict(zip(rows, v)) for v in zip(*rows.values())]).items()}
             with self.accelerator.autocast():
                 lp = self._reference_logps(batch) if model is None else sequence_logps(model, batch, self._K)
             out.extend(lp.float().cpu().tolist())
         module.train(was_training)
-        rows = gather_object(out) if world > 1 else out
-        return torch.tensor(rows, dtype=torch.float32).view(n, self._K)
+        return torch.tensor(gather_object(out) if world > 1 else out, dtype=torch.float32).view(n, self._K)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         if "ref_logps" in dataset.column_names:  # given by the user (e.g. computed once for many runs)
-            ref = dataset["ref_logps"]
+            ref = dataset["ref_logps"][:]
             bad = [i for i, r in enumerate(ref) if len(r) < self._K or not np.all(np.isfinite(r[: self._K]))]
             if bad:
                 _fail(name, "ref_logps", bad[0], f"needs {self._K} finite log-probs, got {ref[bad[0]]}", len(bad))
@@ -503,25 +424,23 @@ class VRPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------ the loss
     def _g(self, inputs: dict, ref: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        src = self.args.g_source
+        """(B,) and (B, M) auxiliary probabilities of the labelled and the extra pairs."""
         if not self._uses_extra:
             return None, None
-        if src == "constant":
-            B = ref.shape[0]
-            return ref.new_full((B,), 0.5), ref.new_full((B, self._n_extra_pairs), 0.5)
-        if src == "self":
-            step = self.state.global_step
-            live = dict(self.model.named_parameters())
+        if self.args.g_source == "constant":
+            return ref.new_full((ref.shape[0],), 0.5), ref.new_full((ref.shape[0], self._n_extra_pairs), 0.5)
+        if self.args.g_source != "self":
+            return inputs["g"], inputs["g_aux"]
+        step = self.state.global_step
+        with torch.no_grad():
             if self.model.training and step % self.args.self_g_refresh == 0 and self._frozen_step != step:
-                with torch.no_grad():
-                    for k, v in self._frozen.items():
-                        v.copy_(live[k])
+                live = dict(self.model.named_parameters())
+                for k, v in self._frozen.items():
+                    v.copy_(live[k])
                 self._frozen_step = step
-            with torch.no_grad():
-                frozen = _AtParams(self.model, self._frozen)  # the policy's forward at the frozen parameters
-                g_all = self_g(sequence_logps(frozen, inputs, self._K).float(), ref, self.beta)  # (B, 1 + M)
-            return g_all[:, 0], g_all[:, 1:]
-        return inputs["g"], inputs["g_aux"]
+            frozen = _AtParams(self.model, self._frozen)  # the policy's forward at the frozen parameters
+            g_all = pair_margins(sequence_logps(frozen, inputs, self._K).float(), ref, self.beta).sigmoid()  # (B, 1+M)
+        return g_all[:, 0], g_all[:, 1:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -531,18 +450,16 @@ class VRPOTrainer(DPOTrainer):
         g, g_aux = self._g(inputs, ref)
         loss = vrpo_loss(margins, self._q, self._lam, g, g_aux)
         if not bool(torch.isfinite(loss)):
-            m = margins[:, 0].detach()
             raise NonFiniteError(f"VRPO step {self.state.global_step}: loss {loss.item()} (labelled margins "
-                                 f"{m.min().item():.3g} .. {m.max().item():.3g}); stopped before the optimizer step: "
-                                 "lower the learning rate or beta, or check the data and reference log-probs")
+                                 f"{margins[:, 0].tolist()}); stopped before the optimizer step: lower the learning "
+                                 "rate or beta, or check the data and reference log-probs")
         if mode == "train" and self._power is not None:
             self._pending += PowerTuning.batch_sums(margins, self._q, g, g_aux).to(self._pending.device)
-        d = margins[:, 0].detach()
-        rec = self._vr_metrics[mode]
-        rec["rewards/margins"].append(d.mean())
-        rec["rewards/accuracies"].append((d > 0).float().mean())
+        d, rec = margins.detach(), self._vr_metrics[mode]  # metrics stay on the device until logged
+        rec["rewards/margins"].append(d[:, 0].mean())
+        rec["rewards/accuracies"].append((d[:, 0] > 0).float().mean())
         if self._uses_extra:
-            rec["rewards/extra_margins"].append(margins[:, 1:].detach().mean())
+            rec["rewards/extra_margins"].append(d[:, 1:].mean())
         if self.args.lam == "auto":
             rec["lam"].append(torch.tensor(self._lam))
         return (loss, None) if return_outputs else loss
@@ -550,22 +467,19 @@ class VRPOTrainer(DPOTrainer):
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
         if self._power is not None and self.accelerator.sync_gradients:  # end of an optimisation step
-            sums = self.accelerator.reduce(self._pending, reduction="sum") if self.accelerator.num_processes > 1 \
-                else self._pending
-            self._lam = self._power.update(sums.tolist())
+            world = self.accelerator.num_processes
+            self._lam = self._power.update((self.accelerator.reduce(self._pending, "sum") if world > 1
+                                            else self._pending).tolist())
             self._pending.zero_()
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            return self.compute_loss(model, self._prepare_inputs(inputs)).detach(), None, None
 
     def floating_point_ops(self, inputs) -> int:
         """6 x parameters x tokens (padding included), without a host sync."""
-        tokens = sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids"))
-        return 6 * self._n_params * tokens
+        return 6 * self._n_params * sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids"))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -577,13 +491,17 @@ class VRPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _vrpo_state(self) -> dict:
-        cols = ["prompt_ids", "chosen_ids", "rejected_ids", "a_1_ids", "a_2_ids", "g", "g_aux"]
         if getattr(self, "_data_fp", None) is None:
-            self._data_fp = _fingerprint(self.train_dataset, cols)
+            self._data_fp = _fingerprint(self.train_dataset)
         return {"format": 1, "settings": self.args.vrpo_settings(), "data_fingerprint": self._data_fp,
                 "n_rows": len(self.train_dataset), "n_extra_pairs": self._n_extra_pairs,
                 "lam": self._lam, "lam_auto_sums": self._power.sums if self._power else None,
                 "lam_auto_raw": self._power.lam_raw if self._power else None, "self_g_step": self._frozen_step}
+
+    def _ref_table(self) -> dict[str, torch.Tensor]:
+        ds = self.train_dataset
+        return {"ref_logps": torch.tensor(ds["ref_logps"][:], dtype=torch.float32)} if "ref_logps" in ds.column_names \
+            else {}
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -592,19 +510,17 @@ class VRPOTrainer(DPOTrainer):
         from safetensors.torch import save_file
 
         out = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if "ref_logps" in self.train_dataset.column_names:
-            save_file({"ref_logps": torch.tensor(self.train_dataset["ref_logps"], dtype=torch.float32)},
-                      os.path.join(out, REF_FILE))
-        if self._frozen is not None:
-            save_file({k: v.contiguous() for k, v in self._frozen.items()}, os.path.join(out, SELF_G_FILE))
+        frozen = {f"self_g.{k}": v.contiguous() for k, v in (self._frozen or {}).items()}
+        save_file({**frozen, **self._ref_table()}, os.path.join(out, TENSOR_FILE))
         write_json(os.path.join(out, STATE_FILE), self._vrpo_state(), indent=1)
 
     def _restore_vrpo_state(self, ckpt: str) -> None:
         """Refuse a checkpoint of other settings, data or pi_ref; restore lam moments and the frozen g model."""
-        path = os.path.join(ckpt, STATE_FILE)
-        if not os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
             raise ValueError(f"{ckpt} has no {STATE_FILE}: not a VRPOTrainer checkpoint")
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
             saved = json.load(f)
         now = json.loads(json.dumps(self._vrpo_state()))
         diff = {k: (saved["settings"].get(k), v) for k, v in now["settings"].items() if saved["settings"].get(k) != v}
@@ -614,26 +530,19 @@ class VRPOTrainer(DPOTrainer):
             raise ValueError(f"checkpoint {ckpt} was written for other training data ({saved['n_rows']} rows, "
                              f"fingerprint {saved['data_fingerprint']}; now {now['n_rows']} rows, "
                              f"{now['data_fingerprint']}): resuming would mix two data sets")
-        ref_path = os.path.join(ckpt, REF_FILE)
-        if os.path.isfile(ref_path) and "ref_logps" in self.train_dataset.column_names:
-            from safetensors.torch import load_file
-
-            old = load_file(ref_path)["ref_logps"]
-            new = torch.tensor(self.train_dataset["ref_logps"], dtype=torch.float32)
+        tensors = load_file(os.path.join(ckpt, TENSOR_FILE))
+        old, new = tensors.get("ref_logps"), self._ref_table().get("ref_logps")
+        if old is not None and new is not None:
             worst = (old - new).abs().max().item() if old.shape == new.shape else float("inf")
             if not worst <= 1e-3:  # float noise of a recomputation is ~1e-5
                 raise ValueError(f"checkpoint {ckpt}: the reference log-probs differ from this trainer's (max |diff| "
                                  f"{worst:.3g}); construct the trainer from the same pi_ref")
-        self._lam = saved["lam"]
+        self._lam, self._frozen_step = saved["lam"], saved["self_g_step"]
         if self._power is not None:
             self._power.sums, self._power.lam_raw = saved["lam_auto_sums"], saved["lam_auto_raw"]
-        if self._frozen is not None:
-            from safetensors.torch import load_file
-
-            with torch.no_grad():
-                for k, v in load_file(os.path.join(ckpt, SELF_G_FILE)).items():
-                    self._frozen[k].copy_(v)
-            self._frozen_step = saved["self_g_step"]
+        with torch.no_grad():
+            for k, v in (self._frozen or {}).items():
+                v.copy_(tensors[f"self_g.{k}"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
