@@ -98,12 +98,10 @@ class Samples:
 
 
 def _left_pad(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[j, T - len(s):] = 1
+    """:func:`llm.vrpo_loss.left_pad` on ``device``: (N, T) ids and attention mask."""
+    from .vrpo_loss import left_pad
+
+    ids, mask = left_pad(list(seqs), pad_id)
     return ids.to(device), mask.to(device)
 
 

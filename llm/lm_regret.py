@@ -418,32 +418,49 @@ def stage_prompts(cfg: LMRegretConfig) -> dict:
 # --------------------------------------------------------------------------- stage: pi_ref
 
 
-def stage_pi_ref(cfg: LMRegretConfig, P: dict, device: str, t0: float) -> tuple:
-    """``(model, tokenizer, info)``: the SFT'd small GPT-2 (cached) or a ``transformers`` model by name/path."""
-    import torch
+def _load_hf(name: str, device: str):
+    """Any ``transformers`` causal LM and its tokenizer by hub name or local path (pad = EOS if it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .tiny_lm import encode_pair_texts, load_causal_lm, sft, tiny_gpt2, train_bpe_tokenizer
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name).to(device)
+    return model.eval(), tok
+
+
+def stage_pi_ref(cfg: LMRegretConfig, P: dict, device: str, t0: float) -> tuple:
+    """``(model, tokenizer, info)``: the SFT'd small GPT-2 (cached with its tokenizer) or a model by name/path."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from vrpo_common.fileio import torch_save
+
+    from .tiny_lm import encode_pair_texts, sft, tiny_gpt2, train_bpe_tokenizer
 
     cache = Path(cfg.cache_dir)
     if cfg.pi_ref.startswith("hf:"):
-        model, tok = load_causal_lm(cfg.pi_ref[3:], device=device)
-        model.eval()
+        model, tok = _load_hf(cfg.pi_ref[3:], device)
         return model, tok, {"kind": "hf", "name": cfg.pi_ref[3:], "params": int(sum(p.numel() for p in
                                                                                     model.parameters()))}
     shape = PI_REF_PRESETS[cfg.pi_ref]
     tr = P["train"]
-    texts = [P["prompts"][i] + " " + r for i in tr for r in P["responses"][i]]
     key = cfg.part_key("data_dir", "split_seed", "n_eval_prompts", "pi_ref", "max_prompt_tokens", "max_new_tokens",
-                       "sft_steps", "sft_batch_size", "sft_lr", extra={"shape": shape, "v": 1})
-    tok = train_bpe_tokenizer(texts, vocab_size=shape["vocab_size"], save_dir=cache / f"tokenizer-{key}")
+                       "sft_steps", "sft_batch_size", "sft_lr", extra={"shape": shape, "v": 2})
+    tok_dir, path = cache / f"tokenizer-{key}", cache / f"pi_ref-{key}.pt"
+    if (tok_dir / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    else:
+        tok = train_bpe_tokenizer([P["prompts"][i] + " " + r for i in tr for r in P["responses"][i]],
+                                  vocab_size=shape["vocab_size"])
+        tok.save_pretrained(str(tok_dir))
     model = tiny_gpt2(len(tok), shape["n_layer"], shape["n_embd"], shape["n_head"],
                       n_positions=cfg.max_prompt_tokens + cfg.max_new_tokens + 8, eos_token_id=tok.eos_token_id,
                       seed=cfg.split_seed)
-    path = cache / f"pi_ref-{key}.pt"
     info = {"kind": "sft", "preset": cfg.pi_ref, **shape, "vocab": len(tok),
             "params": int(sum(p.numel() for p in model.parameters())), "cache": str(path)}
     if path.exists():
-        blob = torch.load(path, weights_only=False)
+        blob = torch.load(path, weights_only=True)
         model.load_state_dict(blob["model"])
         info.update(sft_first_loss=blob["losses"][0], sft_last_loss=float(np.mean(blob["losses"][-20:])),
                     sft_wall_s=blob["wall_s"], cached=True)
@@ -454,13 +471,11 @@ def stage_pi_ref(cfg: LMRegretConfig, P: dict, device: str, t0: float) -> tuple:
         p_ids, r_ids = encode_pair_texts(tok, prompts, resp, cfg.max_prompt_tokens, cfg.max_new_tokens)
         seqs = [p + r[0] for p, r in zip(p_ids, r_ids)]
         model.to(device)
-        losses = sft(model, seqs, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.split_seed, tok.pad_token_id,
-                     progress=cfg.progress, desc="SFT pi_ref")
+        losses = sft(model, tok, seqs, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.split_seed,
+                     progress=cfg.progress)
         wall = time.time() - t
-        from .tiny_lm import atomic_save
-
-        atomic_save({"model": model.state_dict(), "losses": losses, "wall_s": wall,
-                     "config": cfg.resolved()}, path)
+        torch_save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "losses": losses, "wall_s": wall},
+                   path)
         info.update(sft_first_loss=losses[0], sft_last_loss=float(np.mean(losses[-20:])), sft_wall_s=wall,
                     cached=False)
     model.to(device).eval()
@@ -866,7 +881,7 @@ def _run_task(task: Task) -> dict:
 
     W = _W
     cfg, tok, gold = W["cfg"], W["tok"], W["gold"]
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     if task.seed not in W["seed_data"]:
         W["seed_data"] = {task.seed: load_seed_data(seed_data_path(cfg, W["key"], task.seed))}
     D = W["seed_data"][task.seed]
@@ -875,12 +890,12 @@ def _run_task(task: Task) -> dict:
     work = Path(cfg.out_dir) / "tmp" / task.id
     policy, hist = train_policy(cfg, task, W["pi_ref"], tok, data, work, W["device"])
     shutil.rmtree(work, ignore_errors=True)
-    train_s = time.time() - t0
+    train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
     gold_k = gold.with_kappa(task.kappa)
-    t = time.time()
+    t, c = time.time(), time.process_time()
     summ, arrays = evaluate_policy(cfg, policy, W["pi_ref"], tok, gold_k, W["bank"], _seed_int(task.seed, task.cell,
                                                                                                "eval"))
-    eval_s = time.time() - t
+    eval_s, eval_cpu_s = time.time() - t, time.process_time() - c
     probe = None
     if cfg.probe_trained and task.seed == cfg.first_seed and task.n == cfg.n_max and (
             task.method == "dpo" or (task.method == "vrpo" and task.g == "oracle" and task.M == cfg.M_max)):
@@ -899,7 +914,8 @@ def _run_task(task: Task) -> dict:
     res = {"task": asdict(task), "cell": task.cell, "id": task.id, "experiment_key": cfg.experiment_key(),
            "label_rate": data["label_rate"], "p_mean": data["p_mean"], "steps": cfg.steps(task.n),
            "final_loss": next((h["loss"] for h in reversed(hist) if "loss" in h), None), "lam_final": lam_final,
-           "train_s": train_s, "eval_s": eval_s, "history": hist, "probe": probe, **summ}
+           "train_s": train_s, "eval_s": eval_s, "train_cpu_s": train_cpu_s, "eval_cpu_s": eval_cpu_s,
+           "history": hist, "probe": probe, **summ}
     j, z = task_paths(cfg, task)
     _save_npz(z, **arrays)
     write_json(j, res, indent=1)  # written last: its presence marks the task done
@@ -1156,7 +1172,7 @@ def aggregate(cfg: LMRegretConfig, record: dict) -> dict:
                "cell": x.cell}
         for k in ("win_ref", "win_ref_mc_se", "kl", "kl_mc_se", "acc", "acc_mc_se", "acc_bayes", "len_tokens",
                   "len_tokens_mc_se", "eos_share", "reward_A", "reward_B", "label_rate", "p_mean", "steps",
-                  "final_loss", "lam_final", "train_s", "eval_s"):
+                  "final_loss", "lam_final", "train_s", "eval_s", "train_cpu_s", "eval_cpu_s"):
             row[k] = r.get(k)
         rows.append(row)
     df = pd.DataFrame(rows)
