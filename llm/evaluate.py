@@ -42,6 +42,7 @@ __all__ = [
     "pair_gradients_at_ref",
     "closed_form_at_ref",
     "closed_form_from_moments",
+    "fixed_assignment_ratio",
     "auto_device",
 ]
 
@@ -269,15 +270,18 @@ def _flat_grad(loss, params, retain: bool) -> torch.Tensor:
 
 
 def gradient_probe(model, prompt_ids, response_ids, ref_logps, Z, g, g_aux, beta: float, lam: float, pad_id: int,
-                   batch_size: int, n_pairs: int, seed: int, n_boot: int = 2000, progress: bool = False,
-                   desc: str = "gradient probe") -> dict:
+                   batch_size: int, n_pairs: int, seed: int, n_boot: int = 2000, p_label=None, replace: bool = False,
+                   progress: bool = False, desc: str = "gradient probe") -> dict:
     """Trace of the minibatch-gradient covariance of DPO (``lam = 0``) and VRPO (``lam``) at fixed parameters.
 
     Data: ``response_ids[i] = [y1, y2, a_1[0], a_2[0], ...]`` (``K = 2 + 2M``), ``ref_logps (n, K)``,
     labels ``Z (n,)`` in [0, 1] for ``(y1, y2)``, ``g (n,)``, ``g_aux (n, M)``. ``2 n_pairs`` minibatches of
     ``batch_size`` distinct examples are drawn (seeded); on each both objectives' gradients come from one
     forward. Each disjoint pair of minibatches gives the unbiased estimate ``||G_a - G_b||^2 / 2`` of
-    ``tr Cov(G)``; the ratio VRPO/DPO has a paired bootstrap interval over the minibatch pairs. Because
+    ``tr Cov(G)``; the ratio VRPO/DPO has a paired bootstrap interval over the minibatch pairs. With
+    ``p_label (n,)`` the labels are redrawn ``Z ~ Bernoulli(p_label)`` for every drawn example (the label noise
+    integrated, as in the closed form); ``replace=True`` draws a minibatch's examples with replacement, so its
+    covariance is exactly the per-example covariance over ``B``. Because
     ``G_VRPO(lam) = G_DPO + lam * D`` is linear in ``lam``, the trace at any ``lam`` follows from the same
     draws: ``v(lam) = v_D + 2 lam c + lam^2 v_Delta``; reported: ``lam_opt = -c / v_Delta`` (clipped to [0, 1])
     and the ratio there.
@@ -285,7 +289,7 @@ def gradient_probe(model, prompt_ids, response_ids, ref_logps, Z, g, g_aux, beta
     from tqdm.auto import tqdm
 
     n = len(prompt_ids)
-    if batch_size > n:
+    if batch_size > n and not replace:
         raise ValueError(f"batch_size {batch_size} exceeds the {n} examples")
     K = len(response_ids[0])
     M = (K - 2) // 2
@@ -304,12 +308,15 @@ def gradient_probe(model, prompt_ids, response_ids, ref_logps, Z, g, g_aux, beta
     prev = None
     mean_D = mean_V = None
     for r in tqdm(range(2 * n_pairs), desc=desc, disable=not progress, mininterval=2):
-        idx = rng.choice(n, size=batch_size, replace=False).tolist()
+        idx = rng.choice(n, size=batch_size, replace=replace).tolist()
         lp = _seq_logps(model, [prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id, device)
         ref = ref_all[idx].to(device)
         lr_ = lp - ref  # (B, K)
         margins = beta * (lr_[:, 0::2] - lr_[:, 1::2])  # (B, 1 + M)
         Zb, gb, gab = Z_all[idx].to(device), g_all[idx].to(device), ga_all[idx].to(device)
+        if p_label is not None:  # fresh labels for these draws
+            Zb = torch.as_tensor(rng.random(batch_size) < np.asarray(p_label, float)[idx], dtype=torch.float32,
+                                 device=device)
         G_D = _flat_grad(vr_objective(margins[:, 0], Zb, lam=0.0), params, retain=True).double()
         G_1 = _flat_grad(vr_objective(margins[:, 0], Zb, gb, margins[:, 1:], gab, lam=1.0), params,
                          retain=False).double()
@@ -345,7 +352,7 @@ def gradient_probe(model, prompt_ids, response_ids, ref_logps, Z, g, g_aux, beta
     }
 
 
-def pair_gradients_at_ref(model, prompt_ids, response_ids, beta: float, pad_id: int, combos: dict,
+def pair_gradients_at_ref(model, prompt_ids, response_ids, beta: float, pad_id: int, combos: dict, Ms=(),
                           progress: bool = False, desc: str = "per-pair gradients at pi_ref") -> dict:
     """Moments of the per-pair margin gradients ``X = grad delta`` at ``pi_ref`` (where ``delta = 0``).
 
@@ -357,7 +364,9 @@ def pair_gradients_at_ref(model, prompt_ids, response_ids, beta: float, pad_id: 
     ``name -> moments`` with per-prompt sums (``a = (p* - 1/2) X``, ``b = (g - 1/2) X``): ``xx = sum |X|^2``,
     ``ab_xx = sum (p*-1/2)(g-1/2)|X|^2``, ``bb = sum |b|^2``, the within-prompt cross products
     ``bb_cross = sum_{j != k} b_j . b_k``, ``ab_cross = sum_{j != k} a_j . b_k``, and ``sum_a``
-    (for the mean gradient), as :func:`closed_form_from_moments` reads them.
+    (for the mean gradient), as :func:`closed_form_from_moments` reads them. For every ``M`` in ``Ms`` also the
+    sums of the *fixed assignment* (pair 0 labelled, pairs ``1..M`` its extra pairs, as in the data), read by
+    :func:`fixed_assignment_ratio`.
     """
     from tqdm.auto import tqdm
 
@@ -369,7 +378,8 @@ def pair_gradients_at_ref(model, prompt_ids, response_ids, beta: float, pad_id: 
           for k, (ps, g) in combos.items()}
     out = {k: {"n_prompts": n, "pairs_per_prompt": P, **{f: np.zeros(n) for f in
                                                            ("xx", "ab_xx", "bb", "bb_cross", "ab_cross")},
-               "sum_a": None} for k in combos}
+               "sum_a": None, "fixed": {int(M): {"x00": 0.0, "aGc": 0.0, "cGc": 0.0, "v_a": None, "v_u": None}
+                                         for M in Ms}} for k in combos}
     was_training = model.training
     model.eval()
     for i in tqdm(range(n), desc=desc, disable=not progress, mininterval=2):
@@ -390,8 +400,40 @@ def pair_gradients_at_ref(model, prompt_ids, response_ids, beta: float, pad_id: 
             o["ab_cross"][i] = float((np.outer(a, b) * Gn)[off].sum())
             sa = (torch.as_tensor(a, dtype=X.dtype, device=X.device)[:, None] * X).sum(0).cpu()
             o["sum_a"] = sa if o["sum_a"] is None else o["sum_a"] + sa
+            for M, f in o["fixed"].items():  # u = (g_0 - 1/2) X_0 - (1/M) sum_{m=1..M} (g_m - 1/2) X_m
+                c = np.zeros(P)
+                c[0] = b[0]
+                c[1:1 + M] = -b[1:1 + M] / M
+                Gc = Gn @ c
+                f["x00"] += Gn[0, 0]
+                f["aGc"] += a[0] * Gc[0]
+                f["cGc"] += float(c @ Gc)
+                va = (a[0] * X[0]).cpu()
+                vu = (torch.as_tensor(c, dtype=X.dtype, device=X.device)[:, None] * X).sum(0).cpu()
+                f["v_a"] = va if f["v_a"] is None else f["v_a"] + va
+                f["v_u"] = vu if f["v_u"] is None else f["v_u"] + vu
     model.train(was_training)
     return out
+
+
+def fixed_assignment_ratio(mom: dict, M: int, lam: float = 1.0) -> dict:
+    """The VRPO/DPO per-example gradient-variance ratio at ``pi_ref`` on the probed examples themselves.
+
+    The population is the ``n`` examples as they are (pair 0 labelled, pairs ``1..M`` extra), each drawn
+    with probability ``1/n`` and its label ``Z ~ Bernoulli(p*)``: with ``u = (g_0 - 1/2) X_0 - (1/M)
+    sum_m (g_m - 1/2) X_m``, ``E_Z|psi_DPO|^2 = |X_0|^2/4`` and ``E_Z|psi_VRPO|^2 = |X_0|^2/4 - 2 lam (p*_0 - 1/2)
+    X_0 . u + lam^2 |u|^2``, the means ``-mean (p*_0 - 1/2) X_0`` and ``that + lam mean u``. This is exactly what
+    :func:`gradient_probe` estimates with ``p_label`` and ``replace=True`` on the same examples, so the two
+    differ only by the probe's Monte Carlo error (the check of the derivation and the code).
+    """
+    f = mom["fixed"][int(M)]
+    n = mom["n_prompts"]
+    va, vu = f["v_a"].double(), f["v_u"].double()
+    tr_d = f["x00"] / (4 * n) - float(va @ va) / n ** 2
+    mean_v = (-va + lam * vu) / n
+    tr_v = (f["x00"] / 4 - 2 * lam * f["aGc"] + lam ** 2 * f["cGc"]) / n - float(mean_v @ mean_v)
+    return {"ratio": tr_v / tr_d, "trace_dpo_per_example": tr_d, "trace_vrpo_per_example": tr_v, "n": n, "M": M,
+            "lam": lam}
 
 
 def closed_form_from_moments(mom: dict, M: int, lam: float = 1.0) -> dict:

@@ -157,7 +157,7 @@ class LMRegretConfig:
     probe_batch_size: int = 16
     probe_pairs: int = 32
     probe_pairs_trained: int = 16
-    closed_form_prompts: int = 96
+    closed_form_prompts: int = 128
     probe_trained: bool = True
     # machinery
     device: str = "auto"
@@ -779,59 +779,56 @@ def stage_probe_ref(cfg: LMRegretConfig, pi_ref, tok, gold, D: dict, t0: float) 
     ``self`` is left out: at ``pi_ref`` the frozen policy is ``pi_ref`` itself, so ``g = 1/2`` there (the
     ``constant`` case) and its correction vanishes.
 
-    The closed form's moments come from per-pair gradients on the first ``closed_form_prompts`` prompts
-    of the seed (computed once, reused for every kappa, g and M); the Monte Carlo probe draws minibatches
-    from the seed's first ``n_max`` labelled examples of the same (kappa, g, M)."""
-    from .evaluate import closed_form_from_moments, gradient_probe, pair_gradients_at_ref
+    Per-pair gradients of the first ``closed_form_prompts`` prompts of the first seed (computed once, reused
+    for every kappa, g and M) give (a) the closed form for the population (moments over prompts and pairs,
+    jackknife SE) and (b) the exact ratio on those examples as they are (``fixed_assignment_ratio``). The
+    Monte Carlo probe draws minibatches of the same examples (with replacement, labels redrawn from ``p*``) and
+    runs the training objectives through autograd: it estimates (b) exactly, so ``z = (MC - exact) / SE_MC``
+    checks the derivation and the code; (a) is the prediction for the population."""
+    from .evaluate import closed_form_from_moments, fixed_assignment_ratio, gradient_probe, pair_gradients_at_ref
+    from .gold import p_star
 
-    import torch
-
-    torch.manual_seed(0)
     gs = [g for g in cfg.all_gs if g != "self"]
     nc = min(cfg.closed_form_prompts, cfg.n_max)
-    combos, data = {}, {}
+    R = D["R"][:nc]
+    combos = {}
     for k in cfg.kappas:
+        w = gold.with_kappa(k).weight_of(D["q"][:nc], n=nc)
+        ps = p_star(R[:, 0::2, 0], R[:, 0::2, 1], R[:, 1::2, 0], R[:, 1::2, 1], w[:, None])  # (nc, P), (y1, y2) order
         for g in gs:
-            t = Task(k, cfg.n_max, "vrpo", cfg.first_seed, g, cfg.M_max)
-            d = task_data(cfg, t, gold, D)
-            data[(k, g)] = d
-            # per-pair p* and g in the seed's (y1, y2) order for the closed form
-            R = D["R"][:nc]
-            gw = gold.with_kappa(k)
-            w = gw.weight_of(D["q"][:nc], n=nc)
-            from .gold import p_star
-
-            ps = p_star(R[:, 0::2, 0], R[:, 0::2, 1], R[:, 1::2, 0], R[:, 1::2, 1], w[:, None])  # (nc, P)
-            flip = d["Z"][:nc] == 0
+            d = task_data(cfg, Task(k, cfg.n_max, "vrpo", cfg.first_seed, g, cfg.M_max), gold, D)
+            flip = d["Z"][:nc] == 0  # back from (chosen, rejected) to the seed's (y1, y2) order
             gg = np.concatenate([np.where(flip, 1 - d["g"][:nc], d["g"][:nc])[:, None], d["g_aux"][:nc]], axis=1)
             combos[f"{k:g}|{g}"] = (ps, gg)
     t = time.time()
-    resp = D["resp"][:nc]
-    mom = pair_gradients_at_ref(pi_ref, D["pids"][:nc], resp, cfg.beta, tok.pad_token_id, combos)
+    pids, resp, ref = D["pids"][:nc], D["resp"][:nc], D["ref"][:nc]
+    mom = pair_gradients_at_ref(pi_ref, pids, resp, cfg.beta, tok.pad_token_id, combos, Ms=cfg.Ms)
     cf_s = time.time() - t
     out = []
     for k in cfg.kappas:
         for g in gs:
+            ps, gg = combos[f"{k:g}|{g}"]
             for M in cfg.Ms:
-                d = data[(k, g)]
                 K = 2 + 2 * M
                 row = {"kappa": k, "g": g, "M": M, "where": "pi_ref", "policy": "pi_ref"}
                 cf = closed_form_from_moments(mom[f"{k:g}|{g}"], M, lam=1.0)
                 row.update({f"cf_{a}": cf[a] for a in ("ratio", "ratio_se", "lam_opt", "ratio_at_lam_opt",
                                                         "ratio_at_lam_opt_se")})
-                if g == "oracle" or cfg.smoke:  # the Monte Carlo check of the closed form
+                ex = fixed_assignment_ratio(mom[f"{k:g}|{g}"], M, lam=1.0)
+                row["exact_ratio"] = ex["ratio"]
+                if g == "oracle" or cfg.smoke:  # the Monte Carlo check
                     t = time.time()
-                    pr = gradient_probe(pi_ref, d["prompt_ids"], [r[:K] for r in d["resp"]], d["ref"][:, :K],
-                                        np.ones(cfg.n_max), d["g"], d["g_aux"][:, :M], cfg.beta, 1.0,
-                                        tok.pad_token_id, cfg.probe_batch_size, cfg.probe_pairs,
-                                        seed=_seed_int(cfg.first_seed, "probe", k, g, M))
+                    pr = gradient_probe(pi_ref, pids, [r[:K] for r in resp], ref[:, :K], ps[:, 0], gg[:, 0],
+                                        gg[:, 1:1 + M], cfg.beta, 1.0, tok.pad_token_id, cfg.probe_batch_size,
+                                        cfg.probe_pairs, seed=_seed_int(cfg.first_seed, "probe", k, g, M),
+                                        p_label=ps[:, 0], replace=True)
                     row.update({f"mc_{a}": v for a, v in pr.items() if isinstance(v, (int, float))})
                     row["mc_s"] = time.time() - t
-                    se = math.sqrt(pr["ratio_se"] ** 2 + cf["ratio_se"] ** 2)
-                    diff = pr["ratio"] - cf["ratio"]
+                    diff = pr["ratio"] - ex["ratio"]
+                    se = pr["ratio_se"]
                     # constant g: both ratios are exactly 1 (no correction), so no spread either
                     z = diff / se if se > 0 else (0.0 if abs(diff) < 1e-9 else math.copysign(math.inf, diff))
-                    row["z_mc_vs_cf"] = z
+                    row["z_mc_vs_exact"] = z
                 out.append(row)
     return {"rows": out, "closed_form_prompts": nc, "closed_form_s": cf_s}
 
@@ -1088,7 +1085,8 @@ def run(cfg: LMRegretConfig, make_report: bool = True) -> dict:
         if "mc_ratio" in r:
             _log(f"gradient variance at pi_ref, kappa={r['kappa']:g}, g={r['g']}, M={r['M']}: VRPO/DPO "
                  f"{r['mc_ratio']:.3f} [{r['mc_ratio_lo']:.3f}, {r['mc_ratio_hi']:.3f}] (Monte Carlo) vs "
-                 f"{r['cf_ratio']:.3f} ± {r['cf_ratio_se']:.3f} (closed form), z = {r['z_mc_vs_cf']:+.2f}", t0)
+                 f"{r['exact_ratio']:.3f} (exact on the probed examples), z = {r['z_mc_vs_exact']:+.2f}; closed form "
+                 f"for the population {r['cf_ratio']:.3f} ± {r['cf_ratio_se']:.3f}", t0)
 
     record = {"config": cfg.resolved(), "experiment_key": cfg.experiment_key(), "stage_key": key,
               "pi_ref": pinfo, "gold": ginfo, "gold_checks": gold_checks, "gold_checks_extra": gold_extra,

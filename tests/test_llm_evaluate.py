@@ -265,3 +265,52 @@ def test_gradient_probe_matches_exact_minibatch_covariance():
     assert abs(pr["ratio"] - exact["v"] / exact["d"]) < 4 * pr["ratio_se"]
     with pytest.raises(ValueError, match="exceeds"):
         gradient_probe(m, P, resp, ref, Z, g, g_aux, beta, lam, 0, batch_size=n + 1, n_pairs=2, seed=0)
+
+
+def test_fixed_assignment_ratio_is_what_the_probe_estimates():
+    """At pi_ref: the exact ratio on the examples as they are (pair 0 labelled, pairs 1..M extra, Z integrated)
+    equals a brute-force per-example computation, and the Monte Carlo probe (labels redrawn, draws with
+    replacement) estimates it within 4 of its standard errors."""
+    from llm.evaluate import _seq_logps, fixed_assignment_ratio
+    from vrpo.loss import vr_objective
+
+    m = _tiny_lm(6)
+    n, M, beta = 12, 2, 0.4
+    K = 2 + 2 * M
+    P = _prompts(n, seed=15)
+    S = sample(m, P, K, 4, 0, 0, seed=16)
+    resp = [S.ids[K * i:K * i + K] for i in range(n)]
+    rng = np.random.default_rng(17)
+    ps, g = rng.uniform(0.05, 0.95, (n, 1 + M)), rng.uniform(0.05, 0.95, (n, 1 + M))
+    mom = pair_gradients_at_ref(m, P, resp, beta, 0, {"x": (ps, g)}, Ms=(1, M))["x"]
+    ref = response_logps(m, P, resp, 0)
+    params = [p for p in m.parameters() if p.requires_grad]
+    for MM in (1, M):
+        psi = {"d": [], "v": []}  # per (example, Z) with weight p(Z) / n
+        w = []
+        for i in range(n):
+            lp = _seq_logps(m, [P[i]], [resp[i][:2 + 2 * MM]], 0, "cpu") - torch.as_tensor(
+                ref[i:i + 1, :2 + 2 * MM], dtype=torch.float32)
+            mg = beta * (lp[:, 0::2] - lp[:, 1::2])
+            for Z in (0.0, 1.0):
+                Zt = torch.tensor([Z])
+                Ld = vr_objective(mg[:, 0], Zt, lam=0.0)
+                Lv = vr_objective(mg[:, 0], Zt, torch.tensor([float(g[i, 0])]), mg[:, 1:],
+                                  torch.tensor([g[i, 1:1 + MM].tolist()], dtype=torch.float32), lam=1.0)
+                for k, L in (("d", Ld), ("v", Lv)):
+                    gr = torch.autograd.grad(L, params, retain_graph=True)
+                    psi[k].append(torch.cat([t.reshape(-1) for t in gr]).double().numpy())
+                w.append((ps[i, 0] if Z else 1 - ps[i, 0]) / n)
+        w = np.array(w)
+        tr = {}
+        for k, v in psi.items():
+            v = np.array(v)
+            mu = w @ v
+            tr[k] = float(w @ np.sum((v - mu) ** 2, axis=1))
+        ex = fixed_assignment_ratio(mom, MM, 1.0)
+        assert ex["trace_dpo_per_example"] == pytest.approx(tr["d"], rel=1e-4)
+        assert ex["trace_vrpo_per_example"] == pytest.approx(tr["v"], rel=1e-4)
+        pr = gradient_probe(m, P, [r[:2 + 2 * MM] for r in resp], ref[:, :2 + 2 * MM], np.ones(n), g[:, 0],
+                            g[:, 1:1 + MM], beta, 1.0, 0, batch_size=4, n_pairs=150, seed=18, p_label=ps[:, 0],
+                            replace=True)
+        assert abs(pr["ratio"] - ex["ratio"]) < 4 * pr["ratio_se"], (pr["ratio"], ex["ratio"], pr["ratio_se"])
