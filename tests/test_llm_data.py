@@ -584,3 +584,38 @@ def test_print_load_warnings_prints_one_plain_line(tmp_path, capsys):
     assert err.count(line + "\n") == 2 and err.count("\n") == 2
     # other warnings take their usual route (here: pytest's recorder)
     assert [str(w.message) for w in record] == ["unrelated"]
+
+
+def _relabeled_dir(root: Path, lines: list[str]) -> Path:
+    d = root / "relabeled-hh-rlhf" / "harmless"
+    d.mkdir(parents=True)
+    _gz(d / "test.jsonl.gz", lines)
+    return root
+
+
+def test_cli_hh_reward_prints_the_skip_summary(tmp_path, monkeypatch, capsys):
+    """`vrpo hh-reward` shows the loader's summary on the console (the experiment itself is stubbed)."""
+    from llm import hh_reward
+    from vrpo_cli.main import main
+
+    lines = [_relabeled("Human: hi", "A", "B", 1, 1), _relabeled("Human: z", " ", "b", 0, 0), "{oops"]
+    data = _relabeled_dir(tmp_path / "data", lines)
+
+    def fake_run(cfg):
+        df = load_relabeled(cfg.relabeled_path("harmless"), on_error=cfg.on_error)
+        return {"rows": [], "timing": {"total_s": 0.0, "load_and_embed_s": 0.0}, "n": len(df)}
+
+    monkeypatch.setattr(hh_reward, "run", fake_run)
+    assert main(["hh-reward", "--smoke", "--data-dir", str(data), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert ("vrpo hh-reward: data: " + str(data / "relabeled-hh-rlhf" / "harmless" / "test.jsonl.gz")
+            + ": loaded 1 of 3 lines; skipped 2 lines: 1 empty response (line 2), 1 malformed JSON (line 3)") in err
+
+
+def test_cli_hh_reward_raise_mode_names_line_and_flag(tmp_path, capsys):
+    from vrpo_cli.main import main
+
+    data = _relabeled_dir(tmp_path / "data", [_relabeled("Human: hi", "A", "B", 1, 1), "{oops"])
+    assert main(["hh-reward", "--smoke", "--data-dir", str(data), "--no-progress", "--on-error", "raise"]) == 2
+    err = capsys.readouterr().err
+    assert "test.jsonl.gz:2: malformed JSON" in err and "--on-error skip" in err
