@@ -20,7 +20,8 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import norm
 
-from .variance import VarianceParts, _inv_psd, margins, xtwx
+from .separation import STATUS_HELP, certify, diagnose
+from .variance import VarianceParts, _inv_psd, margins, pair_hessian, xtwx
 
 __all__ = ["fit_bt", "fit_bt_population", "FitResult", "VRPOInputError", "ConvergenceWarning"]
 
@@ -43,13 +44,20 @@ class FitResult:
     cov : (..., d, d) sandwich estimate of ``Cov(theta_hat)`` (= V / n), clustered by
         prompt when extra pairs share the labelled prompt.
     lam : (...,) the ``lam`` used (the power-tuned value for ``lam="auto"``).
-    converged : (...,) bool; ``False`` flags a fit without a finite minimiser or one
-        that did not converge: separable samples (BT-MLE), or, for ``lam > 0``, an
-        objective unbounded below in this sample (the labelled pairs carry only
-        ``1 - lam`` of the curvature, none at ``lam = 1``, so with a poor ``g`` the
-        linear correction term can dominate), or a non-convex objective
-        (``lam > 1``). ``theta`` is then the last iterate with
-        ``max|theta| <= 1e6`` (finite, not an estimate) and ``cov`` is NaN.
+    converged : (...,) bool; ``True`` only where a finite minimiser is *certified*
+        near ``theta`` (:func:`vrpo.separation.certify`; for ``lam > 1``, where the
+        objective is non-convex, a strict local minimiser), never merely because a
+        stopping rule fired. ``False`` flags a fit without a finite minimiser or one
+        that did not reach it; ``status`` says which. ``theta`` is then the last iterate
+        with ``max|theta| <= theta_max`` (finite, not an estimate) and ``cov`` is NaN.
+    status : (...,) str, one of :data:`vrpo.separation.STATUS_HELP`: ``"converged"``;
+        ``"separable"`` (an LP finds a direction along which the objective keeps
+        decreasing: separated labels, 0/1 or soft); ``"unbounded"`` (``lam > 0``: the
+        objective is unbounded below in this sample, because the labelled pairs carry
+        only ``1 - lam`` of the curvature and with a poor ``g`` the linear correction
+        term dominates); ``"rank_deficient"`` (zero or collinear feature columns);
+        ``"theta_max"`` (a minimiser beyond ``theta_max``: badly scaled features);
+        ``"max_iter"``; ``"not_certified"``.
     n_iter : (...,) Newton iterations used (the final fit for ``lam="auto"``).
     hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich: pooled
         over labelled and extra pairs, labelled pairs only where ``lam == 0``.
@@ -67,6 +75,7 @@ class FitResult:
     parts: VarianceParts = field(repr=False)
     n: int = 0
     aux: str = "none"
+    status: np.ndarray | None = None
 
     @property
     def se(self) -> np.ndarray:
@@ -86,10 +95,26 @@ class FitResult:
 
 
 def _as_float(name, a):
+    """``a`` as a float64 array, or a :class:`VRPOInputError` naming what is wrong with it."""
+    if a is None:
+        raise VRPOInputError(f"{name} is required (got None)")
     try:
-        arr = np.asarray(a, dtype=float)
+        arr = np.asarray(a)
     except (TypeError, ValueError) as e:
         raise VRPOInputError(f"{name} must be a numeric array: {e}") from None
+    if np.iscomplexobj(arr):
+        raise VRPOInputError(f"{name} is complex (dtype {arr.dtype}); fit_bt needs real numbers")
+    if arr.dtype == object:
+        if any(v is None for v in arr.flat):
+            raise VRPOInputError(f"{name} must be a numeric array; it contains None")
+        if any(isinstance(v, complex) for v in arr.flat):
+            raise VRPOInputError(f"{name} is complex; fit_bt needs real numbers")
+    if arr.dtype.kind not in "biuf":
+        try:
+            arr = arr.astype(float)
+        except (TypeError, ValueError) as e:
+            raise VRPOInputError(f"{name} must be a numeric array (got dtype {arr.dtype}): {e}") from None
+    arr = arr.astype(float, copy=False)
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise VRPOInputError(f"{name} contains {bad} NaN or infinite value(s)")
@@ -98,8 +123,10 @@ def _as_float(name, a):
 
 def _check_prob(name, a):
     if a.size and (a.min() < 0.0 or a.max() > 1.0):
+        k = int(np.count_nonzero((a < 0.0) | (a > 1.0)))
         raise VRPOInputError(
-            f"{name} must lie in [0, 1] (labels or probabilities); found values in [{a.min():.4g}, {a.max():.4g}]"
+            f"{name} must lie in [0, 1] (labels or probabilities); {k} value(s) outside, "
+            f"range [{float(a.min())!r}, {float(a.max())!r}]"
         )
 
 
@@ -268,6 +295,10 @@ def _armijo(f_new, f, alpha, slope):
     return np.isfinite(f_new) & (f_new <= f + 1e-4 * alpha * slope + 1e-15 * np.abs(f))
 
 
+# why _newton stopped, per replication
+_STOP_RULE, _STOP_THETA_MAX, _STOP_MAX_ITER, _STOP_LINE_SEARCH = 0, 1, 2, 3
+
+
 def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
     """Damped Newton with Armijo backtracking, batched over replications.
 
@@ -277,12 +308,17 @@ def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
     full step would take ``max|theta|`` past ``theta_max`` stops at its last iterate
     as not converged (unbounded objective), as does one whose line search fails. Finished replications are
     dropped from the working set once they are the majority. Returns
-    ``(theta, converged, n_iter)``.
+    ``(theta, converged, n_iter, grad, stop)``: ``grad`` the gradient at ``theta``,
+    ``stop`` why each replication stopped (``_STOP_*``). ``converged`` means only that
+    the stopping rule fired; :func:`vrpo.separation.certify` decides whether a
+    minimiser is there.
     """
     R, d = theta0.shape
     theta = theta0.astype(float).copy()
     converged = np.zeros(R, dtype=bool)
     n_iter = np.zeros(R, dtype=int)
+    grad_out = np.zeros((R, d))
+    stop_why = np.full(R, _STOP_MAX_ITER)
     widx = np.arange(R)  # replications held in `work`
     work = blocks
     th = theta.copy()  # (W, d)
@@ -331,15 +367,19 @@ def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
         done &= ~over
         stop = done | (live & (failed | over))
         converged[widx[done]] = True
+        stop_why[widx[done]] = _STOP_RULE
+        stop_why[widx[live & over]] = _STOP_THETA_MAX
+        stop_why[widx[live & failed & ~over]] = _STOP_LINE_SEARCH
         live &= ~stop
         theta[widx] = th
+        grad_out[widx] = grad
         if not live.any():
             break
         if live.sum() <= 0.5 * len(widx):
             keep = np.flatnonzero(live)
             work, widx, th = work.take(keep), widx[keep], th[keep]
             f, grad, hess, live = f[keep], grad[keep], hess[keep], live[keep]
-    return theta, converged, n_iter
+    return theta, converged, n_iter, grad_out, stop_why
 
 
 # --------------------------------------------------------------------------- scores
@@ -363,6 +403,11 @@ def _lab_where_lam0(H_pooled, H_lab, lam):
 
 
 def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
+    """``(parts, H)`` of :func:`_sandwich` (the sandwich ingredients and its Hessian)."""
+    return _sandwich(theta, X, Z, g, Xa, ga, mode, ridge, lam)[:2]
+
+
+def _sandwich(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`.
 
     Scores: ``a = (s - Z) X``, ``b = -(s - g) X [+ mean_m (s_m - g_m) X_m]``,
@@ -370,6 +415,9 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     (all drawn from the same distribution), except for replications with
     ``lam == 0`` (``lam``: ``(R,)`` or None), which use the labelled pairs only,
     so a fit at ``lam = 0`` (fixed, or power-tuned to 0) is exactly BT-MLE.
+
+    Returns ``(parts, H, H_obj)``: ``H_obj`` is the float64 Hessian of the objective
+    at ``theta`` (``(1 - lam) H_lab + lam H_aux + ridge``; BT-MLE's where ``lam`` is None).
     """
     R, n, d = X.shape
     s = expit(margins(theta, X))  # (R, n)
@@ -380,7 +428,7 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
         H = H_lab + eye
         S0 = _cov_scaled(X, ra, ra)
         zero = np.zeros_like(S0)
-        return VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), H
+        return VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), H, H
     rb = -(s - g)
     if mode == "same":
         M = Xa.shape[2]
@@ -391,7 +439,7 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
         a = ra[..., None] * X  # (R, n, d)
         b = rb[..., None] * X + e
         H = _lab_where_lam0((H_lab + M * H_aux) / (1.0 + M) + eye, H_lab + eye, lam)
-        return VarianceParts.from_scores(H, a, b), H
+        return VarianceParts.from_scores(H, a, b), H, _objective_hessian(H_lab, H_aux, eye, lam)
     N = Xa.shape[1]
     sa = expit(margins(theta, Xa))  # (R, N)
     rc = sa - ga
@@ -399,7 +447,15 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     H = _lab_where_lam0((n * H_lab + N * H_aux) / (n + N) + eye, H_lab + eye, lam)
     Cab = _cov_scaled(X, ra, rb)
     S2 = _cov_scaled(X, rb, rb) + (n / N) * _cov_scaled(Xa, rc, rc)
-    return VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n), H
+    parts = VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n)
+    return parts, H, _objective_hessian(H_lab, H_aux, eye, lam)
+
+
+def _objective_hessian(H_lab, H_aux, eye, lam):
+    if lam is None:
+        return H_lab + eye
+    lam = np.asarray(lam, dtype=float)[:, None, None]
+    return (1.0 - lam) * H_lab + lam * H_aux + eye
 
 
 # --------------------------------------------------------------------------- public API
@@ -418,6 +474,7 @@ def fit_bt(
     tol: float = 1e-10,
     max_iter: int = 100,
     theta0=None,
+    theta_max: float = 1e6,
     warn: bool = True,
 ) -> FitResult:
     """Fit the BT reward ``theta`` by BT-MLE, VR or power-tuned VR, batched.
@@ -437,23 +494,51 @@ def fit_bt(
         ``lam > 1`` is allowed but the objective may then be non-convex.
     ridge : L2 penalty ``ridge/2 |theta|^2`` on the (mean-normalised) objective;
         0 (default) means none.
+    lam_coord : with ``lam="auto"``, tune for coordinate ``lam_coord`` (an integer in
+        ``[-d, d)``) instead of the trace.
     tol, max_iter : Newton stopping rule (step ``<= tol (1 + |theta|_inf)``).
-    theta0 : (..., d) starting point (default zeros).
-    warn : emit a :class:`ConvergenceWarning` when replications fail to converge.
+    theta0 : (d,) or (..., d) starting point (default zeros), ``max|theta0| <= theta_max``.
+    theta_max : bound on ``max|theta|``: a replication whose next step would pass it
+        stops there, flagged (no finite minimiser, or one beyond the bound).
+    warn : emit a :class:`ConvergenceWarning` when replications have no certified minimiser.
 
-    Leading ``...`` axes are independent replications solved together.
+    Leading ``...`` axes are independent replications solved together (an empty batch
+    gives empty results).
 
     Returns
     -------
     FitResult with ``theta (..., d)``, ``cov (..., d, d)``, ``lam (...,)``,
-    ``converged (...,)``, ``n_iter``, ``hessian`` and ``conf_int(alpha)``.
+    ``converged (...,)``, ``status (...,)``, ``n_iter``, ``hessian`` and ``conf_int(alpha)``.
+    ``converged`` is ``True`` only where a finite minimiser is certified
+    (:mod:`vrpo.separation`); elsewhere ``cov`` is NaN and ``status`` names the cause.
     """
     X, Z, g, Xa, ga, mode, lam_v = _validate(X, Z, g, X_aux, g_aux, lam)
-    if ridge < 0 or not np.isfinite(ridge):
+    if not (np.isfinite(ridge) and ridge >= 0):
         raise VRPOInputError(f"ridge must be a finite number >= 0; got {ridge!r}")
+    if not (isinstance(theta_max, (int, float, np.integer, np.floating)) and np.isfinite(theta_max) and theta_max > 0):
+        raise VRPOInputError(f"theta_max must be a finite number > 0; got {theta_max!r}")
     *batch, n, d = X.shape
     batch = tuple(batch)
+    if lam_coord is not None:
+        if isinstance(lam_coord, (bool, np.bool_)) or not isinstance(lam_coord, (int, np.integer)) or not (
+            -d <= lam_coord < d
+        ):
+            raise VRPOInputError(f"lam_coord must be an integer in [0, {d}) (or [-{d}, 0) from the end); got {lam_coord!r}")
+        lam_coord = int(lam_coord) % d
     R = int(np.prod(batch)) if batch else 1
+    if theta0 is None:
+        th0 = np.zeros((R, d))
+    else:
+        t0 = _as_float("theta0", theta0)
+        if t0.shape not in ((d,), batch + (d,)):
+            raise VRPOInputError(f"theta0 must have shape ({d},) or {batch + (d,)}; got {t0.shape}")
+        if t0.size and np.max(np.abs(t0)) > theta_max:
+            raise VRPOInputError(
+                f"theta0 has max|theta0| = {np.max(np.abs(t0)):g} > theta_max = {theta_max:g}; start inside the bound"
+            )
+        th0 = np.broadcast_to(t0, batch + (d,)).reshape(R, d).copy()
+    if R == 0:
+        return _empty_result(batch, d, n, mode, lam_v)
     Xf = X.reshape(R, n, d)
     Zf = Z.reshape(R, n)
     gf = g.reshape(R, n) if g is not None else None
@@ -467,44 +552,51 @@ def fit_bt(
         Xa_rows, ga_rows = Xaf.reshape(R, n * M, d), gaf.reshape(R, n * M)
     else:
         Xa_rows, ga_rows = Xaf, gaf
-    th0 = np.zeros((R, d)) if theta0 is None else _as_float("theta0", np.broadcast_to(theta0, batch + (d,))).reshape(R, d)
+    colmax_lab = np.max(np.abs(Xf), axis=1)  # (R, d): bounds |x_r| in the certificate
+    colmax_aux = None if Xa_rows is None else np.max(np.abs(Xa_rows), axis=1)
 
-    conv_p = np.ones(R, dtype=bool)
+    status_p = None  # the BT-MLE pilot's status where it decides the fit (lam="auto")
     if mode == "none":
         lam_f = np.zeros(R)
     else:
         # BT-MLE pilot on the labelled pairs: the starting point of the VR fit (cheap,
         # n rows only) and, for lam="auto", where the PPI++ lam is estimated.
-        pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
+        zero = np.zeros(R)
+        pilot, stop_p, _, grad_p, why_p = _newton(_objective_blocks(Xf, Zf, None, None, None, zero), th0, ridge, tol,
+                                                  max_iter, theta_max)
         if isinstance(lam_v, str):
-            parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge)
-            lam_f = parts.lam_opt(coord=lam_coord)
-            th0 = pilot
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                parts, _, H_p = _sandwich(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge)
+                lam_f = parts.lam_opt(coord=lam_coord)
+            cert_p = stop_p & certify(grad_p, H_p, colmax_lab, ridge)
+            status_p = _status(cert_p, why_p, zero, Xf, Zf, None, None, None)
+            lam_f = np.where(cert_p, lam_f, 0.0)
+            th0 = np.where(cert_p[:, None], pilot, th0)
         else:
             lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
-            # a separated pilot is a poor start; those replications start from theta0
-            th0 = np.where(conv_p[:, None], pilot, th0)
-            conv_p = np.ones(R, dtype=bool)
+            # a pilot that did not stop normally is a poor start; those start from theta0
+            th0 = np.where(stop_p[:, None], pilot, th0)
 
     blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
-    theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
-    converged &= conv_p
+    theta, stopped, n_iter, grad, why = _newton(blocks, th0, ridge, tol, max_iter, theta_max)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
+        parts, H, H_obj = _sandwich(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
         cov = parts.cov(lam_f)
+    colmax = colmax_lab if colmax_aux is None else np.where(
+        (lam_f == 0)[:, None], colmax_lab, np.where((lam_f == 1)[:, None], colmax_aux, np.maximum(colmax_lab, colmax_aux)))
+    convex = lam_f <= 1.0
+    cert = stopped & certify(grad, H_obj, colmax, ridge)
+    if not convex.all():
+        cert = np.where(convex, cert, stopped & certify(grad, H_obj, colmax, ridge, convex=False))
+    status = _status(cert, why, lam_f, Xf, Zf, gf, Xa_rows, ga_rows)
+    if status_p is not None:
+        status = np.where(status_p != "converged", status_p, status)
+    converged = status == "converged"
     # No minimiser, no sandwich: the covariance of a non-converged fit is NaN by
-    # definition (flagged in .converged and by the warning), never a meaningless number.
+    # definition (flagged in .converged/.status and by the warning), never a meaningless number.
     cov[~converged] = np.nan
     if warn and not np.all(converged):
-        k = int(np.sum(~converged))
-        warnings.warn(
-            f"fit_bt: {k} of {R} replication(s) have no finite minimiser or did not converge in {max_iter} "
-            "Newton steps: separable samples, or (lam > 0) an objective unbounded below because the "
-            "labelled pairs carry weight (1 - lam) of the curvature and a poor g lets the linear "
-            "correction term dominate. They are flagged in .converged; their cov is NaN",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_warning_text(status, R, max_iter, theta_max), ConvergenceWarning, stacklevel=2)
 
     def unflat(a, tail=()):
         return a.reshape(batch + tail)
@@ -523,7 +615,53 @@ def fit_bt(
         parts=parts_out,
         n=n,
         aux=mode,
+        status=unflat(status),
     )
+
+
+def _rows(r, lam, X, Z, g, Xa_rows, ga_rows):
+    """Replication ``r``'s objective as stacked rows ``(X (rows, d), c (rows,), t (rows,))``."""
+    n = X.shape[1]
+    lam_r = float(lam[r])
+    Xs, cs, ts = [X[r]], [np.full(n, (1.0 - lam_r) / n)], [(Z[r] - (lam_r * g[r] if lam_r else 0.0)) / n]
+    if Xa_rows is not None and lam_r != 0:
+        Na = Xa_rows.shape[1]
+        Xs.append(Xa_rows[r])
+        cs.append(np.full(Na, lam_r / Na))
+        ts.append(lam_r * ga_rows[r] / Na)
+    return np.concatenate(Xs), np.concatenate(cs), np.concatenate(ts)
+
+
+def _status(cert, why, lam, X, Z, g, Xa_rows, ga_rows):
+    """``(R,)`` status strings: certified fits are ``"converged"``; the others are
+    diagnosed by the LP (:func:`vrpo.separation.diagnose`, convex objectives only)."""
+    status = np.full(cert.shape, "converged", dtype="<U14")
+    for r in np.flatnonzero(~cert):
+        cause = None
+        if lam[r] <= 1.0:
+            cause = diagnose(*_rows(r, lam, X, Z, g, Xa_rows, ga_rows))
+        if cause is None:
+            cause = {_STOP_THETA_MAX: "theta_max", _STOP_MAX_ITER: "max_iter"}.get(int(why[r]), "not_certified")
+        status[r] = cause
+    return status
+
+
+def _warning_text(status, R, max_iter, theta_max):
+    counts = {k: int(np.sum(status == k)) for k in STATUS_HELP if k != "converged" and np.any(status == k)}
+    k = sum(counts.values())
+    parts = "; ".join(f"{v} {s} ({STATUS_HELP[s].replace('theta_max', f'theta_max = {theta_max:g}')})"
+                      .replace("iteration limit", f"iteration limit ({max_iter})") for s, v in counts.items())
+    return (f"fit_bt: {k} of {R} replication(s) have no certified finite minimiser: {parts}. "
+            "They are flagged in .converged and .status; their cov is NaN")
+
+
+def _empty_result(batch, d, n, mode, lam_v):
+    z = lambda *tail: np.zeros(batch + tail)  # noqa: E731
+    lam = np.zeros(batch) if isinstance(lam_v, str) or mode == "none" else np.broadcast_to(lam_v, batch).astype(float)
+    return FitResult(theta=z(d), cov=z(d, d), lam=lam, converged=np.zeros(batch, dtype=bool),
+                     n_iter=np.zeros(batch, dtype=int), hessian=z(d, d),
+                     parts=VarianceParts(A=z(d, d), S0=z(d, d), S1=z(d, d), S2=z(d, d), n=n), n=n, aux=mode,
+                     status=np.zeros(batch, dtype="<U14"))
 
 
 def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200):
@@ -544,7 +682,8 @@ def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, m
         raise VRPOInputError("w must be non-negative with the shape of q and a positive sum")
     w = w / w.sum()
     blocks = _Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
-    theta, conv, _ = _newton(blocks, np.zeros((1, X.shape[1])), ridge, tol, max_iter)
-    if not conv[0]:
+    theta, conv, _, grad, _ = _newton(blocks, np.zeros((1, X.shape[1])), ridge, tol, max_iter)
+    H = pair_hessian(theta[0], X, w)[None] + ridge * np.eye(X.shape[1])
+    if not (conv[0] and certify(grad, H, np.max(np.abs(X), axis=0)[None], ridge)[0]):
         raise VRPOInputError("population BT fit did not converge: p* is (nearly) separable by a BT model")
     return theta[0]
