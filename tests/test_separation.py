@@ -227,6 +227,15 @@ def test_none_object_string_and_complex_inputs_are_named(X, match):
         fit_bt(X, np.ones(np.shape(X)[0] if X is not None else 2), lam=0)
 
 
+def test_nan_in_extra_pair_features_is_counted():
+    X, Z = _overlapping(15, n=40, R=3)
+    Xa = np.random.default_rng(0).normal(size=(3, 40, 2, 3))
+    Xa[2, 5, 1, 0] = np.nan
+    Xa[2, 7, 0, 2] = np.inf
+    with pytest.raises(VRPOInputError, match="X_aux contains 2 NaN or infinite"):
+        fit_bt(X, Z, np.full((3, 40), 0.5), Xa, np.full((3, 40, 2), 0.5), lam=1.0)
+
+
 def test_complex_labels_and_aux_inputs_are_rejected():
     X, Z = _overlapping(13, n=40)
     with pytest.raises(VRPOInputError, match="Z is complex"):

@@ -21,6 +21,7 @@ from scipy.special import expit
 from scipy.stats import norm
 
 from .separation import STATUS_HELP, certify, diagnose
+from .solver import STOP_MAX_ITER, STOP_RULE, STOP_THETA_MAX, Blocks, _sigmoid, evaluate, gradient, minimise
 from .variance import VarianceParts, _inv_psd, margins, pair_hessian, xtwx
 
 __all__ = ["fit_bt", "fit_bt_population", "FitResult", "VRPOInputError", "ConvergenceWarning"]
@@ -94,8 +95,11 @@ class FitResult:
 # --------------------------------------------------------------------------- validation
 
 
-def _as_float(name, a):
-    """``a`` as a float64 array, or a :class:`VRPOInputError` naming what is wrong with it."""
+def _as_float(name, a, check_finite=True):
+    """``a`` as a float64 array, or a :class:`VRPOInputError` naming what is wrong with it.
+
+    ``check_finite=False`` leaves the NaN/inf check to the caller (``X_aux``: checked
+    chunk by chunk through the column maxima the fit computes anyway)."""
     if a is None:
         raise VRPOInputError(f"{name} is required (got None)")
     try:
@@ -115,7 +119,7 @@ def _as_float(name, a):
         except (TypeError, ValueError) as e:
             raise VRPOInputError(f"{name} must be a numeric array (got dtype {arr.dtype}): {e}") from None
     arr = arr.astype(float, copy=False)
-    if not np.all(np.isfinite(arr)):
+    if check_finite and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise VRPOInputError(f"{name} contains {bad} NaN or infinite value(s)")
     return arr
@@ -165,7 +169,7 @@ def _validate(X, Z, g, X_aux, g_aux, lam):
     if g.shape != Z.shape:
         raise VRPOInputError(f"g must have the shape of Z {Z.shape}; got {g.shape}")
     _check_prob("g", g)
-    X_aux = _as_float("X_aux", X_aux)
+    X_aux = _as_float("X_aux", X_aux, check_finite=False)  # finiteness: see fit_bt (column maxima)
     g_aux = _as_float("g_aux", g_aux)
     if X_aux.shape[-1:] != (d,):
         raise VRPOInputError(f"X_aux must end in the feature axis d = {d}; got shape {X_aux.shape}")
@@ -198,188 +202,22 @@ def _validate(X, Z, g, X_aux, g_aux, lam):
 # --------------------------------------------------------------------------- objective
 
 
-@dataclass
-class _Blocks:
-    """Rows of the objective for W replications: lists of ``(XT, c, t)``.
-
-    ``XT (W, d, rows)`` is stored transposed and C-contiguous so that the margin,
-    gradient and Hessian products are single batched BLAS calls over contiguous rows.
-    """
-
-    XT: list  # each (W, d, rows) float64
-    c: list  # each (W, rows)
-    t: list  # each (W, rows)
-    XT32: list  # float32 copies of XT, for the Hessian
-
-    @classmethod
-    def from_rows(cls, Xs, cs, ts):
-        XT = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in Xs]
-        return cls(XT, list(cs), list(ts), [x.astype(np.float32) for x in XT])
-
-    def take(self, idx):
-        return _Blocks(*([a[idx] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
-
-    def slice(self, i, j):
-        return _Blocks(*([a[i:j] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
-
-
 def _objective_blocks(X, Z, g, Xa, ga, lam):
-    """Rows of ``F`` (module docstring); ``lam``: ``(R,)``; arrays flattened to R."""
+    """Rows of ``F`` (module docstring) for flattened replications: ``X (R, n, d)``,
+    ``Xa (R, N_aux, d)`` or None, ``lam (R,)``. A :class:`vrpo.solver.Blocks`."""
     n = X.shape[1]
-    lam_ = lam[:, None]
+    R = X.shape[0]
     if Xa is None:
-        return _Blocks.from_rows([X], [np.full(Z.shape, 1.0 / n)], [Z / n])
+        return Blocks.from_rows([X], [np.full(R, 1.0 / n)], [Z / n])
     Na = Xa.shape[1]
-    return _Blocks.from_rows(
-        [X, Xa],
-        [np.broadcast_to((1.0 - lam_) / n, Z.shape), np.broadcast_to(lam_ / Na, ga.shape)],
-        [(Z - lam_ * g) / n, lam_ * ga / Na],
-    )
-
-
-_CACHE_BYTES = 2**21  # per-chunk working set of _eval (fits in L2 on common CPUs)
+    lam_ = np.asarray(lam, dtype=float)[:, None]
+    return Blocks.from_rows([X, Xa], [(1.0 - lam_) / n, lam_ / Na], [(Z - lam_ * g) / n, lam_ * ga / Na])
 
 
 def _eval(blocks, theta, ridge, order):
-    """Objective value, gradient (order>=1) and Hessian (order>=2) per replication.
-
-    Evaluated over chunks of replications small enough to stay in cache (the
-    products are memory-bound; chunking is about 2x faster than one pass).
-    """
-    W, d = theta.shape
-    rows = sum(x.shape[2] for x in blocks.XT)
-    B = max(1, _CACHE_BYTES // (8 * d * rows))
-    if B >= W:
-        return _eval_dense(blocks, theta, ridge, order)
-    out = [
-        _eval_dense(blocks.slice(i, i + B), theta[i:i + B], ridge, order)
-        for i in range(0, W, B)
-    ]
-    return tuple(None if z[0] is None else np.concatenate(z) for z in zip(*out))
-
-
-def _eval_dense(blocks, theta, ridge, order):
-    f = 0.5 * ridge * np.sum(theta**2, axis=-1)
-    grad = ridge * theta if order >= 1 else None
-    hess = None
-    if order >= 2:
-        hess = np.broadcast_to(ridge * np.eye(theta.shape[-1]), theta.shape + theta.shape[-1:]).copy()
-    for XT, c, t, XT32 in zip(blocks.XT, blocks.c, blocks.t, blocks.XT32):
-        delta = np.matmul(theta[:, None, :], XT)[:, 0, :]  # (W, rows)
-        softplus = np.maximum(delta, 0.0) + np.log1p(np.exp(-np.abs(delta)))
-        f = f + np.sum(c * softplus - t * delta, axis=-1)
-        if order >= 1:
-            with np.errstate(over="ignore"):
-                s = 1.0 / (1.0 + np.exp(-delta))  # sigmoid; exp overflow gives the exact limit 0
-            grad = grad + np.matmul(XT, (c * s - t)[..., None])[..., 0]  # (W, d)
-        if order >= 2:
-            # The Hessian only steers Newton's steps (the fixed point is set by the
-            # float64 gradient), so it is formed in float32: half the memory traffic.
-            w = (c * s * (1.0 - s)).astype(np.float32)  # (W, rows)
-            hess = hess + np.matmul(XT32 * w[:, None, :], np.swapaxes(XT32, 1, 2)).astype(float)  # (W, d, d)
-    return f, grad, hess
-
-
-def _newton_step(grad, hess):
-    """``-H^-1 grad`` with a tiny ridge so singular Hessians stay solvable."""
-    d = grad.shape[-1]
-    scale = np.trace(hess, axis1=1, axis2=2)[:, None, None] / d
-    jitter = 1e-12 * np.maximum(scale, 1e-300)
-    try:
-        return -np.linalg.solve(hess + jitter * np.eye(d), grad[..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        return -np.matmul(np.linalg.pinv(hess, hermitian=True), grad[..., None])[..., 0]
-
-
-def _armijo(f_new, f, alpha, slope):
-    return np.isfinite(f_new) & (f_new <= f + 1e-4 * alpha * slope + 1e-15 * np.abs(f))
-
-
-# why _newton stopped, per replication
-_STOP_RULE, _STOP_THETA_MAX, _STOP_MAX_ITER, _STOP_LINE_SEARCH = 0, 1, 2, 3
-
-
-def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
-    """Damped Newton with Armijo backtracking, batched over replications.
-
-    Each iteration evaluates value, gradient and Hessian once, at the full Newton
-    step; only replications failing the Armijo test backtrack. Converged when the
-    step satisfies ``max|step| <= tol (1 + max|theta|)``; a replication whose next
-    full step would take ``max|theta|`` past ``theta_max`` stops at its last iterate
-    as not converged (unbounded objective), as does one whose line search fails. Finished replications are
-    dropped from the working set once they are the majority. Returns
-    ``(theta, converged, n_iter, grad, stop)``: ``grad`` the gradient at ``theta``,
-    ``stop`` why each replication stopped (``_STOP_*``). ``converged`` means only that
-    the stopping rule fired; :func:`vrpo.separation.certify` decides whether a
-    minimiser is there.
-    """
-    R, d = theta0.shape
-    theta = theta0.astype(float).copy()
-    converged = np.zeros(R, dtype=bool)
-    n_iter = np.zeros(R, dtype=int)
-    grad_out = np.zeros((R, d))
-    stop_why = np.full(R, _STOP_MAX_ITER)
-    widx = np.arange(R)  # replications held in `work`
-    work = blocks
-    th = theta.copy()  # (W, d)
-    live = np.ones(R, dtype=bool)  # (W,) still iterating
-    f, grad, hess = _eval(work, th, ridge, 2)
-    for it in range(1, max_iter + 1):
-        step = _newton_step(grad, hess)
-        slope = np.sum(grad * step, axis=-1)
-        bad = ~(slope < 0)  # non-descent (possible only for lam > 1): gradient step
-        step[bad] = -grad[bad]
-        slope[bad] = -np.sum(grad[bad] ** 2, axis=-1)
-        # A full step beyond theta_max means the objective is unbounded below along a
-        # direction (separation for the MLE; for lam > 0 also a finite-sample property
-        # of L_VR): stop that replication at its last iterate instead of stepping.
-        over = live & (np.max(np.abs(th + step), axis=-1) > theta_max)
-        step[~live | over] = 0.0
-        slope[~live | over] = 0.0
-        cand = th + step
-        fc, gc, hc = _eval(work, cand, ridge, 2)
-        ok = ~live | _armijo(fc, f, 1.0, slope)
-        failed = np.zeros_like(live)
-        alpha = np.ones(len(th))
-        back = np.flatnonzero(~ok)
-        if back.size:
-            sub = work.take(back)
-            a = np.full(back.size, 0.5)
-            need = np.arange(back.size)
-            for _ in range(50):
-                b = back[need]
-                f2, _, _ = _eval(sub.take(need), th[b] + a[need, None] * step[b], ridge, 0)
-                good = _armijo(f2, f[b], a[need], slope[b])
-                need = need[~good]
-                if need.size == 0:
-                    break
-                a[need] *= 0.5
-            failed[back[need]] = True
-            a[need] = 0.0
-            alpha[back] = a
-            cand[back] = th[back] + a[:, None] * step[back]
-            f2, g2, h2 = _eval(sub, cand[back], ridge, 2)
-            fc[back], gc[back], hc[back] = f2, g2, h2
-        moved = np.max(np.abs(alpha[:, None] * step), axis=-1)
-        th, f, grad, hess = cand, fc, gc, hc
-        n_iter[widx[live]] = it
-        done = live & ~failed & ((moved <= tol * (1.0 + np.max(np.abs(th), axis=-1))) | (np.abs(slope) < 1e-30))
-        done &= ~over
-        stop = done | (live & (failed | over))
-        converged[widx[done]] = True
-        stop_why[widx[done]] = _STOP_RULE
-        stop_why[widx[live & over]] = _STOP_THETA_MAX
-        stop_why[widx[live & failed & ~over]] = _STOP_LINE_SEARCH
-        live &= ~stop
-        theta[widx] = th
-        grad_out[widx] = grad
-        if not live.any():
-            break
-        if live.sum() <= 0.5 * len(widx):
-            keep = np.flatnonzero(live)
-            work, widx, th = work.take(keep), widx[keep], th[keep]
-            f, grad, hess, live = f[keep], grad[keep], hess[keep], live[keep]
-    return theta, converged, n_iter, grad_out, stop_why
+    """Objective value, gradient (``order >= 1``) and Hessian (``order >= 2``) per
+    replication: the evaluation the solver iterates on (:func:`vrpo.solver.evaluate`)."""
+    return evaluate(blocks, theta, ridge, order)
 
 
 # --------------------------------------------------------------------------- scores
@@ -456,6 +294,159 @@ def _objective_hessian(H_lab, H_aux, eye, lam):
         return H_lab + eye
     lam = np.asarray(lam, dtype=float)[:, None, None]
     return (1.0 - lam) * H_lab + lam * H_aux + eye
+
+
+# --------------------------------------------------------------------------- the fit, chunk by chunk
+
+_CHUNK_BYTES = 2**22  # rows of one chunk of replications (transposed copies): stays in cache (L2/L3)
+_PILOT_FIXED_LAM = False  # fixed lam: start at the BT-MLE pilot? (measured: no faster than theta0 = 0)
+
+
+class _NonFinite(Exception):
+    """A chunk met NaN or infinite features (reported by :func:`fit_bt` with a count)."""
+
+
+class _Outputs:
+    """Per-replication results of :func:`_fit_chunk`, filled chunk by chunk."""
+
+    def __init__(self, R, d):
+        z = lambda *shape: np.zeros((R,) + shape)  # noqa: E731
+        self.theta, self.grad, self.colmax_lab, self.colmax_aux = z(d), z(d), z(d), z(d)
+        self.A, self.S0, self.S1, self.S2, self.H, self.H_obj = (z(d, d) for _ in range(6))
+        self.lam = z()
+        self.stop = np.zeros(R, dtype=int)
+        self.n_iter = np.zeros(R, dtype=int)
+        self.pilot_cert = np.ones(R, dtype=bool)
+        self.pilot_stop = np.zeros(R, dtype=int)
+
+
+def _colmax(XT):
+    """``max_rows |x_rj|``, ``(W, d)`` (NaN propagates, so it doubles as a finiteness check)."""
+    return np.maximum(np.max(XT, axis=2), -np.min(XT, axis=2))
+
+
+def _fit_chunk(*args):
+    """Fit replications ``sl`` (pilot, lam, VR fit, sandwich) while their rows are in cache."""
+    with np.errstate(over="ignore"):  # sigmoid's exp(-delta) overflows to the exact limit
+        _fit_chunk_body(*args)
+
+
+def _fit_chunk_body(out, sl, X, Z, g, Xa_rows, ga_rows, mode, lam_fixed, th0, ridge, tol, max_iter, theta_max,
+                    lam_coord, have_theta0):
+    n, d = X.shape[1:]
+    XT = np.ascontiguousarray(np.swapaxes(X[sl], 1, 2))  # (W, d, n)
+    Zc = Z[sl]
+    W = XT.shape[0]
+    out.colmax_lab[sl] = _colmax(XT)
+    start = th0[sl]
+    if mode == "none":
+        B = Blocks.from_rows([XT], [np.full(W, 1.0 / n)], [Zc / n], transposed=True)
+        theta, stop, it = minimise(B, start, ridge, tol, max_iter, theta_max)
+        lam = np.zeros(W)
+        fin = _final_chunk(theta, XT, Zc, None, None, None, mode, lam, ridge)
+    else:
+        gc, gac = g[sl], ga_rows[sl]
+        XTa = np.ascontiguousarray(np.swapaxes(Xa_rows[sl], 1, 2))  # (W, d, N_aux)
+        out.colmax_aux[sl] = _colmax(XTa)
+        if not np.all(np.isfinite(out.colmax_aux[sl])):
+            raise _NonFinite("X_aux")
+        Na = XTa.shape[2]
+        if lam_fixed is None or (_PILOT_FIXED_LAM and not have_theta0):
+            # BT-MLE pilot on the labelled pairs (n rows): where lam="auto" is estimated,
+            # and the starting point of the VR fit
+            Bp = Blocks.from_rows([XT], [np.full(W, 1.0 / n)], [Zc / n], transposed=True)
+            pilot, stop_p, _ = minimise(Bp, start, ridge, tol, max_iter, theta_max)
+            if lam_fixed is None:
+                fin_p = _final_chunk(pilot, XT, Zc, gc, XTa, gac, mode, None, ridge)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    lam = fin_p["parts"].lam_opt(coord=lam_coord)
+                cert_p = (stop_p == STOP_RULE) & certify(fin_p["grad"], fin_p["H_obj"], out.colmax_lab[sl], ridge)
+                out.pilot_cert[sl], out.pilot_stop[sl] = cert_p, stop_p
+                lam = np.where(cert_p, lam, 0.0)
+                start = np.where(cert_p[:, None], pilot, start)
+            else:
+                # a pilot that did not stop by the rule is a poor start: those keep theta0
+                start = np.where((stop_p == STOP_RULE)[:, None], pilot, start)
+        if lam_fixed is not None:
+            lam = lam_fixed[sl]
+        lam_ = lam[:, None]
+        B = Blocks.from_rows([XT, XTa], [(1.0 - lam) / n, lam / Na], [(Zc - lam_ * gc) / n, lam_ * gac / Na],
+                             transposed=True)
+        theta, stop, it = minimise(B, start, ridge, tol, max_iter, theta_max)
+        fin = _final_chunk(theta, XT, Zc, gc, XTa, gac, mode, lam, ridge)
+    parts = fin["parts"]
+    out.theta[sl], out.stop[sl], out.n_iter[sl], out.lam[sl] = theta, stop, it, lam
+    out.grad[sl], out.H[sl], out.H_obj[sl] = fin["grad"], fin["H"], fin["H_obj"]
+    out.A[sl], out.S0[sl], out.S1[sl], out.S2[sl] = parts.A, parts.S0, parts.S1, parts.S2
+
+
+def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge):
+    """Everything at the returned ``theta`` of a chunk, from the cached transposed rows.
+
+    The sandwich of :func:`_sandwich` (same scores, same Hessian; shapes ``XT (W, d, n)``,
+    ``XTa (W, d, N_aux)`` with the ``M`` extra pairs of prompt ``i`` in columns
+    ``i M .. i M + M - 1``), the objective's float64 Hessian ``H_obj`` and gradient
+    ``grad`` (BT-MLE's where ``lam`` is None). Returns a dict.
+    """
+    W, d, n = XT.shape
+    eye = ridge * np.eye(d)
+    s = _sigmoid(np.matmul(theta[:, None, :], XT)[:, 0, :])  # (W, n)
+    ra = s - Z
+    if mode == "none" or g is None:
+        w = np.stack([s * (1.0 - s), ra * ra], axis=1) / n  # (W, 2, n)
+        G = np.matmul(XT[:, None] * w[:, :, None, :], np.swapaxes(XT, 1, 2)[:, None])  # (W, 2, d, d)
+        mu_a = np.matmul(XT, ra[..., None])[..., 0] / n  # (W, d)
+        H = G[:, 0] + eye
+        zero = np.zeros_like(H)
+        S0 = G[:, 1] - mu_a[:, :, None] * mu_a[:, None, :]
+        grad = mu_a + ridge * theta
+        return {"parts": VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), "H": H, "H_obj": H, "grad": grad}
+    Na = XTa.shape[2]
+    sa = _sigmoid(np.matmul(theta[:, None, :], XTa)[:, 0, :])  # (W, N_aux)
+    rc = sa - ga
+    rb = g - s  # -(s - g)
+    Ga = np.matmul(XTa[:, None] * (np.stack([sa * (1.0 - sa), rc * rc], axis=1) / Na)[:, :, None, :],
+                   np.swapaxes(XTa, 1, 2)[:, None])  # (W, 2, d, d): H_aux and E[rc^2 x x^T]
+    H_aux = Ga[:, 0]
+    q = np.matmul(XTa, np.stack([sa, rc], axis=2)) / Na  # (W, d, 2): mean sa x and mean rc x
+    mu_c = q[..., 1]
+    if mode == "same":
+        M = Na // n
+        E = (XTa * rc[:, None, :]).reshape(W, d, n, M).sum(axis=3) / M  # (W, d, n): mean_m rc x per prompt
+        Ua = XT * ra[:, None, :]  # (W, d, n) scores a
+        Ub = XT * rb[:, None, :] + E  # (W, d, n) scores b
+        U = np.concatenate([Ua, Ub], axis=1)  # (W, 2d, n)
+        mu = U.mean(axis=2)  # (W, 2d)
+        C = np.matmul(U, np.swapaxes(U, 1, 2)) / n - mu[:, :, None] * mu[:, None, :]  # (W, 2d, 2d)
+        S0, Cab, S2 = C[:, :d, :d], C[:, :d, d:], C[:, d:, d:]
+        H_lab = np.matmul(XT * (s * (1.0 - s) / n)[:, None, :], np.swapaxes(XT, 1, 2))
+        H_pool = (H_lab + M * H_aux) / (1.0 + M)
+        mu_a = mu[:, :d]
+    else:
+        w = np.stack([s * (1.0 - s), ra * ra, ra * rb, rb * rb], axis=1) / n  # (W, 4, n)
+        G = np.matmul(XT[:, None] * w[:, :, None, :], np.swapaxes(XT, 1, 2)[:, None])  # (W, 4, d, d)
+        m = np.matmul(XT, np.stack([ra, rb], axis=2)) / n  # (W, d, 2)
+        mu_a, mu_b = m[..., 0], m[..., 1]
+        H_lab = G[:, 0]
+        S0 = G[:, 1] - mu_a[:, :, None] * mu_a[:, None, :]
+        Cab = G[:, 2] - mu_a[:, :, None] * mu_b[:, None, :]
+        S2 = G[:, 3] - mu_b[:, :, None] * mu_b[:, None, :] + (n / Na) * (Ga[:, 1] - mu_c[:, :, None] * mu_c[:, None, :])
+        H_pool = (n * H_lab + Na * H_aux) / (n + Na)
+    S1 = Cab + np.swapaxes(Cab, 1, 2)
+    if lam is None:  # the BT-MLE pilot: pooled Hessian in the sandwich, MLE objective
+        H = H_pool + eye
+        H_obj = H_lab + eye
+        grad = mu_a + ridge * theta
+    else:
+        lam_ = lam[:, None, None]
+        H = np.where(lam_ == 0, H_lab, H_pool) + eye
+        H_obj = (1.0 - lam_) * H_lab + lam_ * H_aux + eye
+        # grad of (1-lam)/n sum softplus - (Z - lam g)/n . delta + lam/Na sum (softplus - ga delta)
+        #   = mean (s - Z) x + lam mean (g - s) x + lam mean (sa - ga) x
+        mu_b_lab = np.matmul(XT, rb[..., None])[..., 0] / n if mode == "same" else mu_b
+        grad = mu_a + lam[:, None] * (mu_b_lab + mu_c) + ridge * theta
+    parts = VarianceParts(A=_inv_psd(H), S0=S0, S1=S1, S2=S2, n=n)
+    return {"parts": parts, "H": H, "H_obj": H_obj, "grad": grad}
 
 
 # --------------------------------------------------------------------------- public API
@@ -552,51 +543,44 @@ def fit_bt(
         Xa_rows, ga_rows = Xaf.reshape(R, n * M, d), gaf.reshape(R, n * M)
     else:
         Xa_rows, ga_rows = Xaf, gaf
-    colmax_lab = np.max(np.abs(Xf), axis=1)  # (R, d): bounds |x_r| in the certificate
-    colmax_aux = None if Xa_rows is None else np.max(np.abs(Xa_rows), axis=1)
-
-    status_p = None  # the BT-MLE pilot's status where it decides the fit (lam="auto")
-    if mode == "none":
-        lam_f = np.zeros(R)
-    else:
-        # BT-MLE pilot on the labelled pairs: the starting point of the VR fit (cheap,
-        # n rows only) and, for lam="auto", where the PPI++ lam is estimated.
-        zero = np.zeros(R)
-        pilot, stop_p, _, grad_p, why_p = _newton(_objective_blocks(Xf, Zf, None, None, None, zero), th0, ridge, tol,
-                                                  max_iter, theta_max)
-        if isinstance(lam_v, str):
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                parts, _, H_p = _sandwich(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge)
-                lam_f = parts.lam_opt(coord=lam_coord)
-            cert_p = stop_p & certify(grad_p, H_p, colmax_lab, ridge)
-            status_p = _status(cert_p, why_p, zero, Xf, Zf, None, None, None)
-            lam_f = np.where(cert_p, lam_f, 0.0)
-            th0 = np.where(cert_p[:, None], pilot, th0)
-        else:
-            lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
-            # a pilot that did not stop normally is a poor start; those start from theta0
-            th0 = np.where(stop_p[:, None], pilot, th0)
-
-    blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
-    theta, stopped, n_iter, grad, why = _newton(blocks, th0, ridge, tol, max_iter, theta_max)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        parts, H, H_obj = _sandwich(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
-        cov = parts.cov(lam_f)
-    colmax = colmax_lab if colmax_aux is None else np.where(
-        (lam_f == 0)[:, None], colmax_lab, np.where((lam_f == 1)[:, None], colmax_aux, np.maximum(colmax_lab, colmax_aux)))
+    lam_fixed = None if isinstance(lam_v, str) else np.broadcast_to(lam_v, batch).reshape(R).astype(float)
+    # Replications are solved in chunks small enough for their rows (transposed copies)
+    # to stay in cache through every Newton iteration and the sandwich.
+    per_rep = 8 * d * (n + (0 if Xa_rows is None else Xa_rows.shape[1]))
+    W = int(max(1, min(R, _CHUNK_BYTES // per_rep)))
+    out = _Outputs(R, d)
+    try:
+        for lo in range(0, R, W):
+            sl = slice(lo, min(lo + W, R))
+            _fit_chunk(out, sl, Xf, Zf, gf, Xa_rows, ga_rows, mode, lam_fixed, th0, ridge, tol, max_iter, theta_max,
+                       lam_coord, theta0 is not None)
+    except _NonFinite:
+        _as_float("X_aux", Xa)  # raises, counting the NaN or infinite values
+    lam_f = out.lam
+    colmax = out.colmax_lab if Xa_rows is None else np.where(
+        (lam_f == 0)[:, None], out.colmax_lab,
+        np.where((lam_f == 1)[:, None], out.colmax_aux, np.maximum(out.colmax_lab, out.colmax_aux)))
+    stopped = out.stop == STOP_RULE
     convex = lam_f <= 1.0
-    cert = stopped & certify(grad, H_obj, colmax, ridge)
+    cert = stopped & certify(out.grad, out.H_obj, colmax, ridge)
     if not convex.all():
-        cert = np.where(convex, cert, stopped & certify(grad, H_obj, colmax, ridge, convex=False))
-    status = _status(cert, why, lam_f, Xf, Zf, gf, Xa_rows, ga_rows)
-    if status_p is not None:
-        status = np.where(status_p != "converged", status_p, status)
+        cert = np.where(convex, cert, stopped & certify(out.grad, out.H_obj, colmax, ridge, convex=False))
+    status = _status(cert, out.stop, lam_f, Xf, Zf, gf, Xa_rows, ga_rows)
+    if isinstance(lam_v, str):  # a power-tuned fit stands on its BT-MLE pilot
+        pilot_ok = out.pilot_cert
+        if not pilot_ok.all():
+            status_p = _status(pilot_ok, out.pilot_stop, np.zeros(R), Xf, Zf, None, None, None)
+            status = np.where(pilot_ok, status, status_p)
     converged = status == "converged"
+    parts = VarianceParts(A=out.A, S0=out.S0, S1=out.S1, S2=out.S2, n=n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cov = parts.cov(lam_f)
     # No minimiser, no sandwich: the covariance of a non-converged fit is NaN by
     # definition (flagged in .converged/.status and by the warning), never a meaningless number.
     cov[~converged] = np.nan
     if warn and not np.all(converged):
         warnings.warn(_warning_text(status, R, max_iter, theta_max), ConvergenceWarning, stacklevel=2)
+    theta, n_iter, H = out.theta, out.n_iter, out.H
 
     def unflat(a, tail=()):
         return a.reshape(batch + tail)
@@ -641,7 +625,7 @@ def _status(cert, why, lam, X, Z, g, Xa_rows, ga_rows):
         if lam[r] <= 1.0:
             cause = diagnose(*_rows(r, lam, X, Z, g, Xa_rows, ga_rows))
         if cause is None:
-            cause = {_STOP_THETA_MAX: "theta_max", _STOP_MAX_ITER: "max_iter"}.get(int(why[r]), "not_certified")
+            cause = {STOP_THETA_MAX: "theta_max", STOP_MAX_ITER: "max_iter"}.get(int(why[r]), "not_certified")
         status[r] = cause
     return status
 
@@ -681,9 +665,9 @@ def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, m
     if w.shape != q.shape or np.any(w < 0) or w.sum() <= 0:
         raise VRPOInputError("w must be non-negative with the shape of q and a positive sum")
     w = w / w.sum()
-    blocks = _Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
-    theta, conv, _, grad, _ = _newton(blocks, np.zeros((1, X.shape[1])), ridge, tol, max_iter)
-    H = pair_hessian(theta[0], X, w)[None] + ridge * np.eye(X.shape[1])
-    if not (conv[0] and certify(grad, H, np.max(np.abs(X), axis=0)[None], ridge)[0]):
+    B = Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
+    theta, stop, _ = minimise(B, np.zeros((1, X.shape[1])), ridge, tol, max_iter, 1e6)
+    _, grad, H = evaluate(B, theta, ridge, 2)
+    if not (stop[0] == STOP_RULE and certify(grad, H, np.max(np.abs(X), axis=0)[None], ridge)[0]):
         raise VRPOInputError("population BT fit did not converge: p* is (nearly) separable by a BT model")
     return theta[0]
