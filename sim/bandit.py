@@ -122,8 +122,9 @@ class Bandit:
         cdf = np.cumsum(np.exp(log_pi), axis=-1)  # (C, K)
         cdf[:, -1] = 1.0
         u = rng.random((log_pi.shape[0], *shape))  # (C, *shape)
-        flat = u.reshape(log_pi.shape[0], -1)
-        idx = np.empty(flat.shape, dtype=np.int64)
-        for j in range(flat.shape[1]):
-            idx[:, j] = np.sum(cdf <= flat[:, j : j + 1], axis=-1)
+        flat = u.reshape(log_pi.shape[0], -1)  # (C, J)
+        # idx = #{k: cdf_k <= u}, the same comparisons as one column at a time
+        idx = np.zeros(flat.shape, dtype=np.int64)
+        for k in range(cdf.shape[1] - 1):  # cdf[:, -1] = 1 > u: never counted
+            idx += cdf[:, k : k + 1] <= flat
         return np.minimum(idx, log_pi.shape[-1] - 1).reshape(u.shape)

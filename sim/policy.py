@@ -19,13 +19,27 @@ def log_policy(reward, log_pi_ref, beta):
     return log_softmax(log_pi_ref + reward / beta, axis=-1)
 
 
+def _log_softmax_inplace(x):
+    """``log_softmax(x, axis=-1)`` overwriting ``x`` (float64, finite)."""
+    x -= np.max(x, axis=-1, keepdims=True)
+    lse = np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+    x -= lse
+    return x
+
+
 def log_policy_linear(theta, phi, log_pi_ref, beta):
     """Policies of linear rewards ``theta . phi`` for a batch of ``theta``.
 
     ``theta (R, d)``, ``phi (E, K, d)``, ``log_pi_ref (E, K)`` -> ``(R, E, K)``.
     """
-    reward = np.einsum("ekd,rd->rek", phi, theta)  # (R, E, K)
-    return log_policy(reward, log_pi_ref[None], beta)
+    E, K, d = phi.shape
+    theta = np.asarray(theta, dtype=float)
+    x = (theta @ phi.reshape(E * K, d).T).reshape(-1, E, K)  # (R, E, K): one BLAS product
+    x /= beta
+    x += log_pi_ref[None]
+    if not np.all(np.isfinite(x)):
+        return log_softmax(x, axis=-1)  # scipy handles infinities
+    return _log_softmax_inplace(x)
 
 
 def regret(log_pi, log_pi_opt, beta):
@@ -42,4 +56,12 @@ def win_rate(log_pi_a, log_pi_b, P):
     ``P[e, a, b] = p*(x_e, a, b)``. Returns ``(...)``.
     """
     pa, pb = np.exp(log_pi_a), np.exp(log_pi_b)
+    E, K = P.shape[:2]
+    if pb.ndim == 2 or (pb.ndim == 3 and pb.shape[0] == 1):  # one policy B for every A
+        v = np.matmul(P, pb.reshape(E, K, 1))[..., 0]  # (E, K): sum_b P[e, a, b] pi_B(b|x_e)
+        return np.mean(np.sum(pa * v, axis=-1), axis=-1)
+    if pa.ndim == 3 and pb.ndim == 3 and pa.shape == pb.shape:
+        # (E, R, K) @ (E, K, K): one small product per context instead of an einsum loop
+        Pb = np.matmul(P, np.transpose(pb, (1, 2, 0)))  # (E, K, R): sum_b P[e, a, b] pi_B(b | x_e) per r
+        return np.einsum("rea,ear->r", pa, Pb) / E
     return np.mean(np.einsum("...ea,eab,...eb->...e", pa, P, pb), axis=-1)

@@ -83,12 +83,29 @@ def eval_contexts(cfg: ExperimentConfig, scenario: str):
     return bandit.sample_contexts(rng, cfg.n_eval)
 
 
+_POPULATIONS: dict = {}  # memo of make_population within a process (the figure sweeps share scenarios)
+_POPULATIONS_MAX = 32
+
+
 def populations(cfg: ExperimentConfig) -> dict[str, Population]:
-    """``theta*`` and evaluation sets per scenario (deterministic in ``cfg.seed``)."""
+    """``theta*`` and evaluation sets per scenario (deterministic in ``cfg.seed``).
+
+    Memoised within the process on everything they depend on: the bandit (seed
+    included), the scenario spec, ``n_pop``, ``n_eval``, the scenario's class and the
+    digest of the files defining it."""
     bandit = Bandit(cfg.bandit_spec)
     out = {}
     for s in cfg.scenarios:
-        out[s] = make_population(make_scenario(s, bandit), bandit, population_rng(cfg, s), cfg.n_pop, cfg.n_eval)
+        cls = SCENARIOS.get(SCENARIOS.parse(s)[0])
+        files, loose = _class_sources(cls)
+        key = (cfg.bandit_spec, s, cfg.n_pop, cfg.n_eval, cls,
+               tuple(_file_digest(f) for f in sorted(files)), tuple(marshal.dumps(c) for c in loose))
+        if key not in _POPULATIONS:
+            if len(_POPULATIONS) >= _POPULATIONS_MAX:
+                _POPULATIONS.pop(next(iter(_POPULATIONS)))
+            _POPULATIONS[key] = make_population(make_scenario(s, bandit), bandit, population_rng(cfg, s), cfg.n_pop,
+                                                cfg.n_eval)
+        out[s] = _POPULATIONS[key]
     return out
 
 
@@ -275,6 +292,19 @@ def _normalised_source(path: Path) -> bytes:
     return ast.dump(tree, include_attributes=False).encode()
 
 
+_DIGESTS: dict = {}  # (path, mtime_ns, size) -> digest of the normalised source
+
+
+def _file_digest(path: Path) -> bytes:
+    """SHA-1 of :func:`_normalised_source`, cached per file version (parsing every module
+    for every cell of every sweep took a second per sweep)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha1(_normalised_source(path)).digest()
+    return _DIGESTS[key]
+
+
 def _class_sources(cls) -> tuple[set, list]:
     """Files defining ``cls`` and its bases (via their methods' code objects, which works
     for plugins loaded from a path), and the code objects of methods defined without a
@@ -321,7 +351,7 @@ def code_fingerprint(cfg: ExperimentConfig, scenario: str) -> str:
     h = hashlib.sha1(f"numpy {np.__version__} scipy {scipy.__version__} vrpo {vrpo.__version__}".encode())
     for p in sorted(files):
         h.update(p.name.encode())
-        h.update(_normalised_source(p))
+        h.update(_file_digest(p))
     for code in loose:
         h.update(marshal.dumps(code))
     return h.hexdigest()[:16]

@@ -293,6 +293,7 @@ def test_code_fingerprint_covers_estimator_sim_and_class_files(tmp_path, monkeyp
         return orig(path)
 
     monkeypatch.setattr(runner, "_normalised_source", spy)
+    monkeypatch.setattr(runner, "_DIGESTS", {})  # no digests cached by earlier tests
     a = runner.code_fingerprint(cfg, "bt")
     assert {"fit.py", "separation.py", "variance.py", "data.py", "aux_models.py", "scenarios.py", "runner.py",
             "policy.py", "population.py", "bandit.py"} <= set(seen)
