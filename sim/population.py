@@ -83,7 +83,13 @@ def theta_star(scenario: Scenario, ctx: Contexts):
     L = Xf.shape[1]
     Xr = Xf.reshape(C * L, d)
     w = (wf / C).reshape(-1)
-    th = vrpo.fit_bt_population(Xr, q.reshape(-1), w)
+    # warm start: the fit on the first tenth of the contexts is within its sampling error
+    # of theta*, so the full fit needs about half the Newton steps (same minimiser)
+    th0 = None
+    if C >= 2000:
+        c = C // 10
+        th0 = vrpo.fit_bt_population(Xr[: c * L], q[:c].reshape(-1), w[: c * L], tol=1e-6)
+    th = vrpo.fit_bt_population(Xr, q.reshape(-1), w, theta0=th0)
     # clustered sandwich over contexts: psi_c = sum_ab W_ab (s - p*) X_ab = sum_{a<b} w_ab (s - q_ab) X_ab
     psi = np.einsum("cl,cld->cd", wf, pair_score(th, Xf, q))
     A = np.linalg.inv(pair_hessian(th, Xr, w))

@@ -648,13 +648,14 @@ def _empty_result(batch, d, n, mode, lam_v):
                      status=np.zeros(batch, dtype="<U14"))
 
 
-def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200):
+def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200, theta0=None):
     """BT projection of a (weighted) population: ``argmin sum_r w_r l(x_r . theta, q_r)``.
 
     ``X (rows, d)``, ``q (rows,)`` probabilities ``p*`` (or labels), ``w (rows,)``
-    non-negative weights (default equal; normalised to sum to one). This defines
-    ``theta*`` (METHOD.md s2). Raises ``VRPOInputError`` if it does not converge
-    (``p*`` separable by a BT model, e.g. deterministic preferences).
+    non-negative weights (default equal; normalised to sum to one); ``theta0 (d,)`` an
+    optional starting point (e.g. the fit on a subsample). This defines ``theta*``
+    (METHOD.md s2). Raises ``VRPOInputError`` if no minimiser is certified (``p*``
+    separable by a BT model, e.g. deterministic preferences).
     """
     X = _as_float("X", X)
     q = _as_float("q", q)
@@ -665,8 +666,10 @@ def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, m
     if w.shape != q.shape or np.any(w < 0) or w.sum() <= 0:
         raise VRPOInputError("w must be non-negative with the shape of q and a positive sum")
     w = w / w.sum()
+    d = X.shape[1]
+    start = np.zeros((1, d)) if theta0 is None else _as_float("theta0", theta0).reshape(1, d)
     B = Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
-    theta, stop, _ = minimise(B, np.zeros((1, X.shape[1])), ridge, tol, max_iter, 1e6)
+    theta, stop, _ = minimise(B, start, ridge, tol, max_iter, 1e6)
     _, grad, H = evaluate(B, theta, ridge, 2)
     if not (stop[0] == STOP_RULE and certify(grad, H, np.max(np.abs(X), axis=0)[None], ridge)[0]):
         raise VRPOInputError("population BT fit did not converge: p* is (nearly) separable by a BT model")
