@@ -16,7 +16,8 @@ The solver is a Newton method built for this structure (issue 9):
   iterations (:func:`vrpo.fit.fit_bt` does);
 - a factorised Hessian is reused across iterations (chord steps) while each full
   step cuts the gradient norm by at least ``_CHORD_RATE``; it is refreshed when
-  progress stalls;
+  progress stalls, and for the final step (so the result has Newton's quadratic,
+  not the chord's linear, accuracy);
 - the objective is not evaluated while the full step reduces the gradient norm
   (``_ACCEPT``); otherwise an Armijo backtracking search on ``F`` is the safeguard.
   Margins along the step are linear in the step length, so backtracking costs no
@@ -230,6 +231,10 @@ def _minimise(B, theta0, ridge, tol, max_iter, theta_max):
         slope[bad] = -gn[bad] ** 2
         iter_out[idx[live]] = it
         small = live & (np.max(np.abs(p), axis=1) <= tol * (1.0 + np.max(np.abs(th), axis=1)))
+        last = small & ~fresh & ~bad
+        if last.any():  # the final step is a true Newton step (quadratic, not chord, accuracy)
+            refresh(last)
+            p[last] = -np.matmul(Hinv[last], g[last][..., None])[..., 0]
         # a full step past theta_max is cut at the bound and must pass the Armijo test;
         # an iterate already at the bound stays there (no finite minimiser within it)
         over = live & ~small & (np.max(np.abs(th + p), axis=1) > theta_max)
