@@ -54,6 +54,7 @@ class Population:
     log_pi_star: np.ndarray
     log_pi_u: np.ndarray | None
     beta: float
+    P_ref: np.ndarray | None = None  # (E, K): sum_b p*(x_e, a, b) pi_ref(b|x_e), for win rates vs pi_ref
 
 
 def folded_pairs(X, P, W):
@@ -105,5 +106,6 @@ def make_population(scenario: Scenario, bandit: Bandit, rng: np.random.Generator
     log_pi_star = log_policy_linear(th[None], ev.phi, ev.log_pi_ref, bandit.beta)[0]
     u = scenario.utility(ev.x[:, None, :], ev.phi)
     log_pi_u = None if u is None else log_policy(u, ev.log_pi_ref, bandit.beta)
+    P_ref = np.matmul(P, ev.pi_ref[..., None])[..., 0]
     return Population(theta_star=th, theta_star_se=se, n_ctx=n_ctx, ctx=ev, P=P, log_pi_star=log_pi_star,
-                      log_pi_u=log_pi_u, beta=bandit.beta)
+                      log_pi_u=log_pi_u, beta=bandit.beta, P_ref=P_ref)

@@ -48,7 +48,7 @@ from .bandit import Bandit
 from .config import ExperimentConfig, parse_method
 from .data import PairData, sample_pairs
 from vrpo_common.fileio import atomic_path, json_default
-from .policy import log_policy_linear, regret, win_rate
+from .policy import LinearPolicies
 from .population import Population, make_population
 from .registry import AUX_MODELS, SCENARIOS
 from .scenarios import make_scenario
@@ -153,23 +153,25 @@ def _watch_parent(parent_pid: int | None) -> None:
     _WATCHDOG.start()
 
 
-def _metrics(res: vrpo.FitResult, pop: Population, log_pi_mle, alpha, beta) -> dict:
-    """Per-replication metrics of METHOD.md s4 for a batch of fits."""
+def _metrics(res: vrpo.FitResult, pop: Population, mle_opponent, alpha, beta) -> dict:
+    """Per-replication metrics of METHOD.md s4 for a batch of fits (``mle_opponent``: the
+    same replications' MLE policies as win-rate opponents, :meth:`LinearPolicies.opponent`)."""
     th = res.theta  # (R, d)
     ts = pop.theta_star
-    log_pi = log_policy_linear(th, pop.ctx.phi, pop.ctx.log_pi_ref, beta)  # (R, E, K)
+    pol = LinearPolicies(th, pop.ctx.phi, pop.ctx.log_pi_ref, beta)  # (R, E, K) policies, computed once
     ci = res.conf_int(alpha)  # (R, d, 2)
     covered = (ci[..., 0] <= ts) & (ts <= ci[..., 1])  # (R, d)
+    P_ref = pop.P_ref if pop.P_ref is not None else np.matmul(pop.P, pop.ctx.pi_ref[..., None])[..., 0]
     out = {
         "lam": res.lam,
         "converged": res.converged,
         "status": res.status,
         "n_iter": res.n_iter,
         "err": np.linalg.norm(th - ts, axis=-1),
-        "regret": regret(log_pi, pop.log_pi_star[None], beta),
-        "regret_u": regret(log_pi, pop.log_pi_u[None], beta) if pop.log_pi_u is not None else np.full(len(th), np.nan),
-        "win_ref": win_rate(log_pi, pop.ctx.log_pi_ref[None], pop.P),
-        "win_mle": win_rate(log_pi, log_pi_mle, pop.P),
+        "regret": pol.regret(pop.log_pi_star),
+        "regret_u": pol.regret(pop.log_pi_u) if pop.log_pi_u is not None else np.full(len(th), np.nan),
+        "win_ref": pol.win_rate_vs_fixed(P_ref),
+        "win_mle": pol.win_rate_vs(mle_opponent),
         "cover_frac": covered.mean(axis=-1),
         "cover_all": covered.all(axis=-1),
         "ci_width": (ci[..., 1] - ci[..., 0]).mean(axis=-1),
@@ -195,11 +197,11 @@ def run_cell_chunk(cfg: ExperimentConfig, task: _Task, pop: Population) -> pd.Da
     ])
     X, Z = data.X, data.Z
     mle = vrpo.fit_bt(X, Z, lam=0, warn=False)
-    log_pi_mle = log_policy_linear(mle.theta, pop.ctx.phi, pop.ctx.log_pi_ref, bandit.beta)
+    mle_opponent = LinearPolicies(mle.theta, pop.ctx.phi, pop.ctx.log_pi_ref, bandit.beta).opponent(pop.P)
     frames = []
 
     def emit(g_name, method, res):
-        m = _metrics(res, pop, log_pi_mle, cfg.alpha, bandit.beta)
+        m = _metrics(res, pop, mle_opponent, cfg.alpha, bandit.beta)
         df = pd.DataFrame(m)
         df.insert(0, "rep", np.arange(task.lo, task.hi))
         for col, val in reversed(list({"scenario": task.scenario, "kappa": scen.kappa, "n": task.n, "M": cfg.M,
