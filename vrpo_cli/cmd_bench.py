@@ -13,7 +13,10 @@ def _run(args) -> int:
 
     command = "vrpo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "vrpo bench"
     res = main(which=tuple(args.which), ppi_reps=args.ppi_reps, rounds=args.rounds, memory_reps=args.memory_reps,
-               R=args.reps, markdown=args.markdown, command=command, threads=None if args.threads == 0 else args.threads)
+               R=args.reps, markdown=args.markdown, command=command, threads=None if args.threads == 0 else args.threads,
+               readme=args.readme)
+    if args.readme and not args.markdown:
+        raise ValueError("--readme needs --markdown (the generated file the README embeds)")
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     return 0
@@ -34,5 +37,7 @@ def register(sub) -> None:
                    "0: the libraries' defaults)")
     p.add_argument("--markdown", metavar="PATH", help="write the generated performance table (markdown) to PATH, "
                    "e.g. docs/performance.md, which the README embeds")
+    p.add_argument("--readme", metavar="PATH", help="with --markdown: also replace the generated block of PATH "
+                   "(README.md) with the table")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     p.set_defaults(func=_run)
