@@ -202,12 +202,11 @@ def run_cell_chunk(cfg: ExperimentConfig, task: _Task, pop: Population) -> pd.Da
 
     def emit(g_name, method, res):
         m = _metrics(res, pop, mle_opponent, cfg.alpha, bandit.beta)
-        df = pd.DataFrame(m)
-        df.insert(0, "rep", np.arange(task.lo, task.hi))
-        for col, val in reversed(list({"scenario": task.scenario, "kappa": scen.kappa, "n": task.n, "M": cfg.M,
-                                       "aux_prompts": cfg.aux_prompts, "g": g_name, "method": method}.items())):
-            df.insert(0, col, val)
-        frames.append(df)
+        k = task.hi - task.lo
+        cols = {"scenario": [task.scenario] * k, "kappa": np.full(k, scen.kappa), "n": np.full(k, task.n),
+                "M": np.full(k, cfg.M), "aux_prompts": [cfg.aux_prompts] * k, "g": [g_name] * k, "method": [method] * k,
+                "rep": np.arange(task.lo, task.hi)}
+        frames.append(pd.DataFrame({**cols, **m}))  # one construction (column inserts copied the frame each time)
 
     if "mle" in cfg.methods:
         emit("none", "mle", mle)
