@@ -1,9 +1,6 @@
-"""Extra responses ``a_1, a_2 ~ pi_ref(.|x)`` for every training prompt, generated once and cached.
-
-The cache file (JSON, written atomically) is keyed by the sampling settings, the
-``pi_ref`` model fingerprint and the prompts, so DPO, VRPO and every rerun reuse
-the same samples, and a changed ``pi_ref`` or setting regenerates them.
-"""
+"""Extra responses ``a_1, a_2 ~ pi_ref(.|x)`` for every training prompt, generated once and cached
+(JSON keyed by the sampling settings, a ``pi_ref`` fingerprint and the prompts: reruns reuse the
+samples, a changed ``pi_ref`` or setting regenerates them)."""
 
 from __future__ import annotations
 
@@ -14,13 +11,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from vrpo_common.fileio import atomic_path
+from vrpo_common.fileio import write_json
 
-from .trainer import model_fingerprint
+from .vrpo_loss import left_pad
 
-__all__ = ["SamplingConfig", "sample_responses", "aux_responses"]
+__all__ = ["SamplingConfig", "sample_responses", "aux_responses", "model_fingerprint"]
+
+
+def model_fingerprint(model) -> str:
+    """Cheap content hash of a model: config plus per-tensor sums and first values."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1).float()
+            h.update(name.encode())
+            h.update(np.float64(flat.double().sum().item()).tobytes())
+            h.update(flat[:8].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
-        if self.max_new_tokens < 1 or self.max_prompt_tokens < 1 or self.batch_size < 1 or self.top_k < 0:
-            raise ValueError("max_new_tokens, max_prompt_tokens, batch_size must be >= 1, top_k >= 0")
+        if not (self.temperature > 0 and min(self.max_new_tokens, self.max_prompt_tokens, self.batch_size) >= 1
+                and self.top_k >= 0):
+            raise ValueError(f"sampling needs temperature > 0, max_new_tokens, max_prompt_tokens, batch_size >= 1 "
+                             f"and top_k >= 0; got {self}")
 
 
 @torch.no_grad()
@@ -61,12 +71,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], n: int, cfg: Samp
     out: list[list[str]] = [[""] * n for _ in prompts]
     for b, s in enumerate(tqdm(range(0, len(rows), cfg.batch_size), desc=desc, disable=not progress, mininterval=2)):
         chunk = rows[s : s + cfg.batch_size]
-        T = max(len(ids[i]) for i, _ in chunk)
-        x = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, (i, _) in enumerate(chunk):
-            x[j, T - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[j, T - len(ids[i]) :] = 1
+        x, mask = left_pad([ids[i] for i, _ in chunk], pad)  # (rows, T)
+        T = x.shape[1]
         torch.manual_seed(cfg.seed + b)
         gen = model.generate(
             input_ids=x.to(device), attention_mask=mask.to(device), do_sample=True, temperature=cfg.temperature,
@@ -83,12 +89,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], n: int, cfg: Samp
 
 
 def _key(model, prompts: Sequence[str], n: int, cfg: SamplingConfig) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model_fingerprint(model), "n": n, "cfg": asdict(cfg)}, sort_keys=True).encode())
-    for p in prompts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:20]
+    blob = json.dumps({"model": model_fingerprint(model), "n": n, "cfg": asdict(cfg), "prompts": list(prompts)})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def aux_responses(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, cache_dir: str | os.PathLike,
@@ -98,13 +100,11 @@ def aux_responses(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
     Responses follow the data convention of :mod:`llm.data` (``prompt + " " + response``
     is the transcript): one leading space of the decoded continuation is dropped.
     """
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"aux-{_key(model, prompts, 2, cfg)}.json"
+    path = Path(cache_dir) / f"aux-{_key(model, prompts, 2, cfg)}.json"
     if path.exists():
         blob = json.loads(path.read_text())
         return blob["a_1"], blob["a_2"]
     pairs = sample_responses(model, tokenizer, prompts, 2, cfg, progress=progress, desc="a_1, a_2 ~ pi_ref")
     blob = {"config": asdict(cfg), "n_prompts": len(prompts), "a_1": [p[0] for p in pairs], "a_2": [p[1] for p in pairs]}
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(blob, f)
+    write_json(path, blob)
     return blob["a_1"], blob["a_2"]

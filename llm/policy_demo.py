@@ -1,27 +1,13 @@
-"""Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch.
+"""Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch (``vrpo policy-demo``).
 
-No pretrained LM weights are reachable here, so ``pi_ref`` is a small GPT-2 whose
-tokenizer and weights are trained on HH text (SFT on prompt + chosen response of the
-policy split). Then, on disjoint, seeded splits of the HH harmless-base pairs:
-
-====== =====================================================================
-split  use
-====== =====================================================================
-train  SFT text for ``pi_ref``; DPO and VRPO pairs; prompts for ``a_1, a_2 ~ pi_ref``
-g      fits ``g``: a BT model on TF-IDF response features (:mod:`llm.judge`)
-judge  fits the judge: a BT model on frozen MiniLM embeddings (other features, other labels)
-eval   held-out pairs: implicit-reward accuracy; prompts for judged generations
-====== =====================================================================
-
-DPO (``lam = 0``) and VRPO (``lam = cfg.lam``, ``g`` from the g model on both pairs) start
-from the same ``pi_ref`` with the same seed, data order and step budget. The
-gradient-variance probe measures, at fixed parameters (``pi_ref`` and each trained
-policy), the trace of the covariance of minibatch gradients of both objectives.
-
-Everything is cached under ``cfg.cache_dir`` (tokenizer, ``pi_ref``, aux responses,
-reference log-probs, embeddings) and checkpointed under ``cfg.results_dir``; results
-(JSON with the resolved config), the figure and the report fragment are generated
-from the run. ``vrpo policy-demo`` is the command.
+Tokenizer and ``pi_ref`` are trained on HH text (``trl.SFTTrainer``; no pretrained weights are
+reachable here). Disjoint seeded splits: ``train`` (SFT text, DPO/VRPO pairs, prompts for
+``a_1, a_2 ~ pi_ref``), ``g`` (BT on TF-IDF response features), ``judge`` (BT on MiniLM embeddings),
+``eval`` (held-out accuracy, prompts for judged generations). DPO and VRPO are two
+:class:`llm.vrpo_trainer.VRPOTrainer` runs from the same ``pi_ref``, seed, data order and budget;
+the gradient-variance probe compares both objectives at fixed parameters. Caches (``pi_ref`` as
+safetensors, samples, embeddings) in ``cfg.cache_dir``, TRL checkpoints in ``cfg.results_dir``
+(reruns resume or reuse them); results, figure and fragment are generated from the run.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo_common.fileio import atomic_path
+from vrpo_common.fileio import atomic_path, write_json
 
 __all__ = ["DemoConfig", "smoke_config", "run", "default_data_path"]
 
@@ -76,7 +62,7 @@ class DemoConfig:
     max_new_tokens: int = 48
     # DPO / VRPO
     beta: float = 0.1
-    lam: float = 1.0
+    lam: float | str = 1.0  # or "auto" (power-tuned online)
     lr: float = 3e-4
     batch_size: int = 16
     grad_accum: int = 1
@@ -94,24 +80,20 @@ class DemoConfig:
     smoke: bool = False
 
     def __post_init__(self):
+        self.lam = self.lam if self.lam == "auto" else float(self.lam)  # "0.5" from the command line
         if not self.data_path:
             self.data_path = str(default_data_path())
-        for name in ("n_train", "n_g", "n_judge", "n_eval", "vocab_size", "n_layer", "n_embd", "n_head",
-                     "max_prompt_tokens", "max_response_tokens", "sft_steps", "sft_batch_size", "max_new_tokens",
-                     "batch_size", "grad_accum", "steps", "probe_batch_size", "probe_pairs", "n_gen_prompts",
-                     "gen_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.probe_batch_size > self.n_train or self.batch_size > self.n_train:
-            raise ValueError("batch sizes must not exceed n_train")
-        if self.n_gen_prompts > self.n_eval:
-            raise ValueError(f"n_gen_prompts ({self.n_gen_prompts}) must be <= n_eval ({self.n_eval})")
-        if self.beta <= 0 or self.temperature <= 0 or self.lr <= 0 or self.sft_lr <= 0:
-            raise ValueError("beta, temperature, lr and sft_lr must be > 0")
-        if self.lam == 0:
-            raise ValueError("lam = 0 would make VRPO identical to the DPO baseline; use lam != 0")
+        small = [f for f, v in asdict(self).items() if type(v) is int and f not in ("seed", "warmup_steps") and v < 1]
+        checks = {f"{small} must be >= 1": not small,
+                  f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})": self.n_embd % self.n_head == 0,
+                  "batch sizes must not exceed n_train": max(self.probe_batch_size, self.batch_size) <= self.n_train,
+                  f"n_gen_prompts ({self.n_gen_prompts}) must be <= n_eval ({self.n_eval})":
+                      self.n_gen_prompts <= self.n_eval,
+                  "beta, temperature, lr and sft_lr must be > 0": min(self.beta, self.temperature, self.lr, self.sft_lr) > 0,
+                  "lam = 0 would make VRPO identical to the DPO baseline; use lam != 0": self.lam != 0}
+        for msg, ok in checks.items():
+            if not ok:
+                raise ValueError(msg)
 
     def part_hash(self, *fields: str) -> str:
         d = asdict(self)
@@ -128,37 +110,61 @@ def smoke_config(**over) -> DemoConfig:
     return DemoConfig(**base)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _splits(n_total: int, cfg: DemoConfig) -> dict[str, np.ndarray]:
-    need = cfg.n_train + cfg.n_g + cfg.n_judge + cfg.n_eval
-    if need > n_total:
-        raise ValueError(f"splits need {need} pairs, the data has {n_total}")
+    sizes = {"train": cfg.n_train, "g": cfg.n_g, "judge": cfg.n_judge, "eval": cfg.n_eval}
+    if sum(sizes.values()) > n_total:
+        raise ValueError(f"splits need {sum(sizes.values())} pairs, the data has {n_total}")
+    ends = np.cumsum(list(sizes.values()))
     perm = np.random.default_rng(cfg.seed).permutation(n_total)
-    out, s = {}, 0
-    for name, k in (("train", cfg.n_train), ("g", cfg.n_g), ("judge", cfg.n_judge), ("eval", cfg.n_eval)):
-        out[name] = np.sort(perm[s : s + k])
-        s += k
-    return out
+    return {k: np.sort(perm[e - n : e]) for (k, n), e in zip(sizes.items(), ends)}
 
 
 def _log(msg: str, t0: float) -> None:
     print(f"[policy-demo {time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
+def _train(lam: float, pi_ref_state: dict, make_model, tok, cfg: DemoConfig, out_dir: Path, train_ds, eval_ds,
+           g_model):
+    """One VRPOTrainer run from ``pi_ref`` (``lam = 0``: DPO, which also prepares the held-out pairs);
+    resumes from (or reuses) its checkpoints."""
+    import torch
+    from transformers import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .vrpo_trainer import VRPOConfig, VRPOTrainer
+
+    policy = make_model()
+    policy.load_state_dict(pi_ref_state)
+    args = VRPOConfig(
+        output_dir=str(out_dir), lam=lam, beta=cfg.beta, g_source="model" if lam else "columns",
+        learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.steps, lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0, max_grad_norm=1.0, shared_prompt=cfg.shared_prompt, bf16=cfg.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, precompute_ref_log_probs=True,
+        max_prompt_length=cfg.max_prompt_tokens, max_completion_length=cfg.max_response_tokens, max_length=None,
+        save_strategy="steps", save_steps=cfg.checkpoint_every, logging_steps=1, report_to=[],
+        disable_tqdm=not cfg.progress)
+    trainer = VRPOTrainer(policy, args=args, train_dataset=train_ds, eval_dataset=None if lam else eval_ds,
+                          processing_class=tok, g_model=g_model if lam else None)
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)  # no per-step log lines
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out_dir)))
+    policy.eval()
+    hist = [{"step": h["step"], "loss": h["loss"], "margin": h["rewards/margins"], "acc": h["rewards/accuracies"],
+             "grad_norm": h["grad_norm"]} for h in trainer.state.log_history if "loss" in h]
+    return trainer, policy, hist
+
+
 def run(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns (and writes) the results dict."""
     import torch
+    from safetensors.torch import load_model, save_model
 
     from .aux_responses import SamplingConfig, aux_responses, sample_responses
     from .data import load_hh
     from .judge import LinearPreferenceModel, MiniLMFeatures, TfidfFeatures
     from .policy_eval import gradient_variance_probe, implicit_reward_accuracy, win_rate
-    from .tiny_lm import atomic_save, encode_pair_texts, sft, tiny_gpt2, train_bpe_tokenizer
-    from .trainer import TrainerConfig, VRPOTrainer, build_preference_data, compute_ref_logps
+    from .tiny_lm import encode_pair_texts, sft, tiny_gpt2, train_bpe_tokenizer
 
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
@@ -178,32 +184,29 @@ def run(cfg: DemoConfig) -> dict:
     # ---------------------------------------------------------------- tokenizer + pi_ref
     t = time.time()
     tr = part["train"]
-    key = cfg.part_hash("data_path", "seed", "n_train", "n_g", "n_judge", "n_eval", "vocab_size")
-    tok = train_bpe_tokenizer((tr.prompt + " " + tr.chosen).tolist(), vocab_size=cfg.vocab_size,
-                              save_dir=cache / f"tokenizer-{key}")
-    pad = tok.pad_token_id
-    model = tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head,
-                      n_positions=cfg.max_prompt_tokens + max(cfg.max_response_tokens, cfg.max_new_tokens) + 8,
-                      eos_token_id=tok.eos_token_id, seed=cfg.seed)
+    tok = train_bpe_tokenizer((tr.prompt + " " + tr.chosen).tolist(), vocab_size=cfg.vocab_size)
+    n_pos = cfg.max_prompt_tokens + max(cfg.max_response_tokens, cfg.max_new_tokens) + 8
+    make_model = lambda: tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=n_pos,  # noqa: E731
+                                   eos_token_id=tok.eos_token_id, seed=cfg.seed)
+    model = make_model()
     key = cfg.part_hash("data_path", "seed", "n_train", "n_g", "n_judge", "n_eval", "vocab_size", "n_layer", "n_embd",
                         "n_head", "max_prompt_tokens", "max_response_tokens", "max_new_tokens", "sft_steps",
                         "sft_batch_size", "sft_lr")
-    sft_path = cache / f"pi_ref-{key}.pt"
-    if sft_path.exists():
-        blob = torch.load(sft_path, weights_only=False)
-        model.load_state_dict(blob["model"])
-        sft_losses = blob["losses"]
-        timings["sft_cached_from_earlier_run"] = True
-        if "train_wall_s" in blob:
-            timings["sft_train_wall_s"] = blob["train_wall_s"]
+    sft_path, sft_meta = cache / f"pi_ref-{key}.safetensors", cache / f"pi_ref-{key}.json"
+    if sft_path.exists() and sft_meta.exists():
+        load_model(model, str(sft_path))
+        meta = json.loads(sft_meta.read_text())
+        sft_losses = meta["losses"]
+        timings.update(sft_cached_from_earlier_run=True, sft_train_wall_s=meta["train_wall_s"])
     else:
         p_ids, r_ids = encode_pair_texts(tok, tr.prompt.tolist(), [[r] for r in sp(tr.chosen)],
                                          cfg.max_prompt_tokens, cfg.max_response_tokens)
-        seqs = [p + r[0] for p, r in zip(p_ids, r_ids)]
-        sft_losses = sft(model, seqs, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.seed, pad,
-                         progress=cfg.progress, desc="SFT pi_ref")
-        atomic_save({"model": model.state_dict(), "losses": sft_losses, "config": resolved,
-                     "train_wall_s": time.time() - t}, sft_path)
+        sft_losses = sft(model, tok, [p + r[0] for p, r in zip(p_ids, r_ids)], cfg.sft_steps, cfg.sft_batch_size,
+                         cfg.sft_lr, cfg.seed, progress=cfg.progress)
+        sft_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(sft_path) as tmp:
+            save_model(model, str(tmp))
+        write_json(sft_meta, {"losses": sft_losses, "config": resolved, "train_wall_s": time.time() - t})
     model.eval()
     timings["sft_s"] = time.time() - t
     _log(f"pi_ref ready (SFT loss {sft_losses[0]:.2f} -> {np.mean(sft_losses[-20:]):.2f})", t0)
@@ -237,62 +240,43 @@ def run(cfg: DemoConfig) -> dict:
     _log("g: acc {g_eval_acc:.3f} on eval (cv {g_cv_acc:.3f}); judge: acc {judge_eval_acc:.3f} (cv {judge_cv_acc:.3f})"
          .format(**quality), t0)
 
-    # ---------------------------------------------------------------- preference data + reference log-probs
-    t = time.time()
-    tr_text = tr.assign(chosen=sp(tr.chosen), rejected=sp(tr.rejected), a_1=sp(tr.a_1), a_2=sp(tr.a_2))
-    strip = lambda xs: [x[1:] for x in xs]  # noqa: E731  g and the judge read responses without the space
-    data = build_preference_data(tok, tr_text, cfg.max_prompt_tokens, cfg.max_response_tokens,
-                                 g_model=lambda p, a, b: g_model(p, strip(a), strip(b)))
-    ev_data = build_preference_data(tok, ev.assign(chosen=sp(ev.chosen), rejected=sp(ev.rejected)),
-                                    cfg.max_prompt_tokens, cfg.max_response_tokens)
-    ref_train = compute_ref_logps(model, data, 4, pad, batch_size=32, cache_path=cache / "ref_train.pt",
-                                  progress=cfg.progress, desc="ref log-probs (train)")
-    ref_eval = compute_ref_logps(model, ev_data, 2, pad, batch_size=32, cache_path=cache / "ref_eval.pt",
-                                 progress=cfg.progress, desc="ref log-probs (eval)")
-    timings["ref_logps_s"] = time.time() - t
-    g_stats = {"g_mean": float(data.g.mean()), "g_aux_mean": float(data.g_aux.mean()),
-               "g_sd": float(data.g.std()), "g_aux_sd": float(data.g_aux.std()),
-               "g_train_acc": float(np.mean(data.g > 0.5))}
-
-    # ---------------------------------------------------------------- gradient-variance probe at pi_ref
-    t = time.time()
-    probe_kw = dict(beta=cfg.beta, lam=cfg.lam, pad_id=pad, batch_size=cfg.probe_batch_size,
-                    n_pairs=cfg.probe_pairs, shared_prompt=cfg.shared_prompt, progress=cfg.progress)
-    probe = {"pi_ref": gradient_variance_probe(model, data, ref_train, seed=cfg.seed, desc="grad variance @ pi_ref",
-                                               **probe_kw)}
-    timings["probe_ref_s"] = time.time() - t
-
-    # ---------------------------------------------------------------- DPO and VRPO from the same start
+    # ---------------------------------------------------------------- DPO and VRPO from the same start (VRPOTrainer)
+    # g reads responses without the leading space of the transcript convention
+    strip = lambda xs: [x[1:] for x in xs]  # noqa: E731
+    g_text = lambda p, a, b: g_model(p, strip(a), strip(b))  # noqa: E731
+    cols = ["prompt", "chosen", "rejected"]
+    train_ds = {"prompt": tr.prompt.tolist(), "chosen": sp(tr.chosen), "rejected": sp(tr.rejected),
+                "a_1": sp(tr.a_1), "a_2": sp(tr.a_2)}
+    eval_ds = {c: (sp(ev[c]) if c != "prompt" else ev[c].tolist()) for c in cols}
     # checkpoints of this exact configuration (a rerun with the same settings resumes or reuses them)
     run_key = cfg.part_hash(*[f for f in resolved if f not in ("progress", "fig_dir", "results_dir", "cache_dir")])
-    policies, train_hist = {}, {}
     pi_ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainers, policies, train_hist = {}, {}, {}
     for method, lam in (("dpo", 0.0), ("vrpo", cfg.lam)):
         t = time.time()
-        pol = tiny_gpt2(len(tok), cfg.n_layer, cfg.n_embd, cfg.n_head, n_positions=model.config.n_positions,
-                        eos_token_id=tok.eos_token_id, seed=cfg.seed)
-        pol.load_state_dict(pi_ref_state)
-        tcfg = TrainerConfig(lam=lam, beta=cfg.beta, g_source="columns", lr=cfg.lr, batch_size=cfg.batch_size,
-                             grad_accum=cfg.grad_accum, max_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-                             shared_prompt=cfg.shared_prompt, precision=cfg.precision, seed=cfg.seed,
-                             checkpoint_every=cfg.checkpoint_every, out_dir=str(res / f"{method}-{run_key}"), progress=cfg.progress)
-        trainer = VRPOTrainer(pol, data, tcfg, pad_id=pad, ref_logps=ref_train, extra_config={"demo": resolved})
-        train_hist[method] = trainer.train()
-        policies[method] = pol.eval()
+        trainers[method], policies[method], train_hist[method] = _train(
+            lam, pi_ref_state, make_model, tok, cfg, res / f"{method}-{run_key}", train_ds, eval_ds, g_text)
         timings[f"train_{method}_s"] = time.time() - t
         _log(f"{method}: {cfg.steps} steps, last loss {train_hist[method][-1]['loss']:.4f}", t0)
+    vr = trainers["vrpo"]
+    g_col, ga_col = np.asarray(vr.train_dataset["g"][:]), np.asarray(vr.train_dataset["g_aux"][:])
+    g_stats = {"g_mean": float(g_col.mean()), "g_aux_mean": float(ga_col.mean()), "g_sd": float(g_col.std()),
+               "g_aux_sd": float(ga_col.std()), "g_train_acc": float(np.mean(g_col > 0.5))}
 
+    # ---------------------------------------------------------------- gradient-variance probe
     t = time.time()
+    probe_kw = dict(lam=vr._lam, batch_size=cfg.probe_batch_size, n_pairs=cfg.probe_pairs, progress=cfg.progress)
+    probe = {"pi_ref": gradient_variance_probe(model, vr, seed=cfg.seed, desc="grad variance @ pi_ref", **probe_kw)}
     for i, m in enumerate(("dpo", "vrpo")):  # at each trained policy (each is the other's off-optimum point)
-        probe[f"{m}_trained"] = gradient_variance_probe(policies[m], data, ref_train, seed=cfg.seed + 1 + i,
+        probe[f"{m}_trained"] = gradient_variance_probe(policies[m], vr, seed=cfg.seed + 1 + i,
                                                         desc=f"grad variance @ {m.upper()}", **probe_kw)
-    timings["probe_trained_s"] = time.time() - t
+    timings["probe_s"] = time.time() - t
     for k, p in probe.items():
         _log(f"gradient variance @ {k}: VRPO/DPO = {p['ratio']:.3f} [{p['ratio_lo']:.3f}, {p['ratio_hi']:.3f}]", t0)
 
     # ---------------------------------------------------------------- held-out implicit-reward accuracy
     t = time.time()
-    acc = {m: implicit_reward_accuracy(p, ev_data, ref_eval, cfg.beta, pad) for m, p in policies.items()}
+    acc = {m: implicit_reward_accuracy(trainers["dpo"], p) for m, p in policies.items()}
     diff = acc["vrpo"]["correct"] - acc["dpo"]["correct"]
     from vrpo_common.stats import mean_ci
 
@@ -342,7 +326,7 @@ def run(cfg: DemoConfig) -> dict:
         "timings_s": timings,
     }
     res.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(res / "results.json", json.dumps(results, indent=1))
+    write_json(res / "results.json", results, indent=1)
     from .policy_report import write_report
 
     write_report(results, Path(cfg.fig_dir))

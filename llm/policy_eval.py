@@ -1,6 +1,6 @@
-"""Evaluation of DPO/VRPO policies: implicit-reward accuracy, judged win rates, and the
-gradient-variance probe (the paper's variance claim measured directly on real data).
-"""
+"""Evaluation of DPO/VRPO policies on a :class:`llm.vrpo_trainer.VRPOTrainer`'s prepared data:
+implicit-reward accuracy, judged win rates, and the gradient-variance probe (the paper's
+variance claim measured directly on real data)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,19 @@ import torch
 
 from vrpo_common.stats import mean_ci
 
-from .trainer import PreferenceData, compute_ref_logps
-from .vrpo_loss import dpo_margins, sequence_logps, vrpo_objective
+from .vrpo_loss import pair_margins, sequence_logps, vrpo_loss
 
 __all__ = ["implicit_reward_accuracy", "win_rate", "gradient_variance_probe"]
 
 
 @torch.no_grad()
-def implicit_reward_accuracy(model, data: PreferenceData, ref_logps: torch.Tensor, beta: float, pad_id: int,
-                             batch_size: int = 16, progress: bool = False, desc: str = "held-out margins") -> dict:
-    """Share of held-out pairs with implicit-reward margin ``delta > 0`` (human label: chosen), with 95% CI.
-
-    ``ref_logps``: (n, >= 2) reference log-probs of (chosen, rejected). Returns the CI dict plus
-    the per-pair ``correct`` array (for paired comparisons between policies).
-    """
-    logps = compute_ref_logps(model, data, 2, pad_id, batch_size=batch_size, progress=progress, desc=desc)  # (n, 2)
-    delta = dpo_margins(logps, ref_logps[:, :2], beta)[:, 0]  # (n,)
+def implicit_reward_accuracy(trainer, model, dataset=None) -> dict:
+    """Share of held-out pairs (prepared by ``trainer`` with ``ref_logps``; default its ``eval_dataset``)
+    with implicit-reward margin > 0 (chosen preferred): 95% CI and the per-pair ``correct`` array."""
+    ds = trainer.eval_dataset if dataset is None else dataset
+    logps = trainer.dataset_logps(ds, model=model)[:, :2]  # (n, 2)
+    ref = torch.tensor(ds["ref_logps"][:], dtype=torch.float32)[:, :2]
+    delta = pair_margins(logps, ref, trainer.beta)[:, 0]  # (n,)
     correct = ((delta > 0).float() + 0.5 * (delta == 0).float()).numpy()
     return {**mean_ci(correct), "correct": correct, "mean_margin": float(delta.mean())}
 
@@ -47,39 +44,35 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain: bool) -> 
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
-def gradient_variance_probe(model, data: PreferenceData, ref_logps: torch.Tensor, beta: float, lam: float,
-                            pad_id: int, batch_size: int, n_pairs: int, seed: int, shared_prompt: bool = True,
+def gradient_variance_probe(model, trainer, lam: float, batch_size: int, n_pairs: int, seed: int,
                             n_boot: int = 2000, progress: bool = True, desc: str = "gradient variance") -> dict:
     """Variance of minibatch gradients of the DPO (``lam=0``) and VRPO objectives at fixed parameters.
 
-    Draws ``2 * n_pairs`` minibatches of ``batch_size`` examples (without replacement inside a
-    minibatch), and on each the gradients of both objectives (same forward). Each disjoint pair of
-    minibatches ``(2j, 2j+1)`` gives an unbiased estimate of the trace of the minibatch-gradient
-    covariance, ``v_j = ||G_2j - G_2j+1||^2 / 2``; estimates are averaged over ``j`` and the ratio
-    VRPO/DPO gets a bootstrap 95% CI over ``j`` (paired, same minibatches for both).
-    Returns traces, ratio, CI and the norms of the mean gradients (the signal).
+    On ``2 * n_pairs`` minibatches of a VRPO trainer's training rows (extra pairs, ``g``,
+    ``ref_logps``), the gradients of both objectives (same forward); each disjoint pair of
+    minibatches gives the unbiased estimate ``v_j = ||G_2j - G_2j+1||^2 / 2`` of the trace of the
+    minibatch-gradient covariance; the ratio VRPO/DPO of their means gets a paired bootstrap 95%
+    CI over ``j``. Returns traces, ratio, CI and the norms of the mean gradients (the signal).
     """
     from tqdm.auto import tqdm
 
-    if data.g is None or data.g_aux is None:
-        raise ValueError("the probe needs g and g_aux in the data")
+    ds = trainer.train_dataset
+    if "g" not in ds.column_names or "ref_logps" not in ds.column_names or not trainer._n_extra_pairs:
+        raise ValueError("the probe needs a VRPO trainer's data: extra pairs, g columns and ref_logps")
     params = [p for p in model.parameters() if p.requires_grad]
+    dev = params[0].device
     rng = np.random.default_rng(seed)
-    n = len(data)
     v = {"dpo": [], "vrpo": []}
     mean = {"dpo": 0.0, "vrpo": 0.0}
     prev = {}
     model.eval()
     for r in tqdm(range(2 * n_pairs), desc=desc, disable=not progress, mininterval=2):
-        idx = rng.choice(n, size=batch_size, replace=False).tolist()
-        logps = sequence_logps(model, data.batch(idx, 4), pad_id, shared_prompt).float()  # (b, 4)
-        ref = ref_logps[idx]
-        Z = torch.as_tensor(data.Z[idx], dtype=torch.float32)
-        g = torch.as_tensor(data.g[idx], dtype=torch.float32)
-        g_aux = torch.as_tensor(data.g_aux[idx], dtype=torch.float32)
+        idx = rng.choice(len(ds), size=batch_size, replace=False).tolist()
+        batch = {k: t.to(dev) for k, t in trainer.data_collator(ds.select(idx).to_list()).items()}
+        margins = pair_margins(sequence_logps(model, batch, trainer._K).float(), batch["ref_logps"], trainer.beta)
         G = {
-            "dpo": _flat_grad(vrpo_objective(logps[:, :2], ref[:, :2], beta, 0.0, Z=Z), params, retain=True),
-            "vrpo": _flat_grad(vrpo_objective(logps, ref, beta, lam, Z=Z, g=g, g_aux=g_aux), params, retain=False),
+            "dpo": _flat_grad(vrpo_loss(margins, trainer._q, 0.0), params, retain=True),
+            "vrpo": _flat_grad(vrpo_loss(margins, trainer._q, lam, batch["g"], batch["g_aux"]), params, retain=False),
         }
         for k in G:
             mean[k] = mean[k] + G[k].double() / (2 * n_pairs)
@@ -96,5 +89,5 @@ def gradient_variance_probe(model, data: PreferenceData, ref_logps: torch.Tensor
         "ratio_lo": float(np.quantile(ratios, 0.025)), "ratio_hi": float(np.quantile(ratios, 0.975)),
         "mean_grad_norm_dpo": float(mean["dpo"].norm()), "mean_grad_norm_vrpo": float(mean["vrpo"].norm()),
         "v_dpo": vd.tolist(), "v_vrpo": vv.tolist(),
-        "batch_size": batch_size, "n_minibatches": 2 * n_pairs, "lam": lam, "beta": beta,
+        "batch_size": batch_size, "n_minibatches": 2 * n_pairs, "lam": lam, "beta": trainer.beta,
     }

@@ -7,19 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo_common.fileio import atomic_path
+from vrpo_common.fileio import save_figure, write_text
 
 __all__ = ["write_report", "FIGURE", "FRAGMENT"]
 
 FIGURE = "llm_policy_summary.png"
 FRAGMENT = "sections/llm_policy.md"
 SHORT = {"pi_ref": "pi_ref", "dpo_trained": "DPO fit", "vrpo_trained": "VRPO fit"}
-
-
-def _savefig(fig, path: Path) -> None:
-    for ext in (".png", ".pdf"):
-        with atomic_path(path.with_suffix(ext), suffix=ext) as tmp:
-            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext[1:])
 
 
 def _smooth(x, k=10):
@@ -89,7 +83,8 @@ def make_figure(results: dict, path: Path) -> None:
     ax[2].set_title("(c) training, same start, seed and budget", fontsize=10)
     ax[2].legend()
     fig.tight_layout()
-    _savefig(fig, path)
+    for ext in (".png", ".pdf"):
+        save_figure(fig, path.with_suffix(ext), dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -146,15 +141,12 @@ def fragment(results: dict) -> str:
         "",
         "**Reading.** " + _reading(results),
         "",
-        f"Run time {t['total_s'] / 60:.1f} min wall-clock"
-        + (f", {t['total_cpu_s'] / 60:.1f} min of process CPU time (1-min load average at the end "
-           f"{t['load_avg_1_5_15'][0]:.1f})" if "total_cpu_s" in t else "")
-        + f" on {os.cpu_count()} CPU cores (wall: SFT "
-        + (f"cached from an earlier invocation{' where it took ' + format(t['sft_train_wall_s'], '.0f') + 's' if 'sft_train_wall_s' in t else ''}"
+        f"Run time {t['total_s'] / 60:.1f} min wall-clock, {t['total_cpu_s'] / 60:.1f} min of process CPU time "
+        f"(1-min load average at the end {t['load_avg_1_5_15'][0]:.1f}) on {os.cpu_count()} CPU cores (wall: SFT "
+        + (f"cached from an earlier invocation where it took {t['sft_train_wall_s']:.0f}s"
            if t.get("sft_cached_from_earlier_run") else f"{t['sft_s']:.0f}s")
-        + f", aux sampling "
-        f"{t['aux_s']:.0f}s, DPO {t['train_dpo_s']:.0f}s, VRPO {t['train_vrpo_s']:.0f}s, evaluation "
-        f"{t['eval_s']:.0f}s).",
+        + f", aux sampling {t['aux_s']:.0f}s, DPO {t['train_dpo_s']:.0f}s, VRPO {t['train_vrpo_s']:.0f}s, "
+        f"evaluation {t['eval_s']:.0f}s).",
         "",
     ]
     return "\n".join(lines)
@@ -208,33 +200,30 @@ def _reading(results: dict) -> str:
 
 
 def cost_section(bench: dict) -> str:
-    """Markdown table of a ``vrpo policy-bench`` result (step time and peak memory ratios)."""
+    """Markdown tables of a ``vrpo policy-bench`` result (step time and peak memory ratios)."""
     st, v = bench["settings"], bench["variants"]
     dev = next(iter(v.values()))["device"]
-    model = st.get("model") or f"random GPT-2 ({st['n_layer']} layers, width {st['n_embd']}, vocab {st['vocab']})"
+    model = f"random GPT-2 ({st['n_layer']} layers, width {st['n_embd']}, vocab {st['vocab']})"
+    load = bench.get("load_avg") or [[float("nan")] * 3]
     lines = [
-        "### Cost of VRPO vs DPO (`vrpo policy-bench`)",
-        "",
+        "### Cost of VRPOTrainer vs trl.DPOTrainer (`vrpo policy-bench`)", "",
         f"{model}, batch {st['batch_size']}, prompts <= {st['prompt_tokens']} and responses <= "
-        f"{st['response_tokens']} tokens (lengths drawn once, shared by all variants), {st['precision']}, {dev}, "
-        f"{bench['cpu_count']} CPU cores; {st.get('rounds', 1)} interleaved rounds of {st['steps']} timed steps "
-        "(forward, loss, backward, AdamW). Step time: minimum over steps and rounds (median in brackets); peak "
-        "memory: growth of peak RSS (CPU) or max allocated (GPU) in a fresh process.",
-        "",
-        "| variant | step time (ms) | peak memory (MiB) |",
-        "|---|---|---|",
-    ]
-    for name, x in v.items():
-        lines.append(f"| {name} | {x['step_s_min'] * 1e3:.0f} ({x['step_s_median'] * 1e3:.0f}) | "
-                     f"{x['peak_mem_mb']:.0f} |")
-    lines += ["", "| ratio | step time | peak memory | target (time) |", "|---|---|---|---|"]
-    targets = {"vrpo_naive_over_dpo_naive": "<= 1.6", "vrpo_shared_over_dpo_naive": "<= 1.1"}
-    for k, r in bench["ratios"].items():
-        lines.append(f"| {k.replace('_', ' ')} | {r['step_time_min']:.2f} ({r['step_time_median']:.2f}) | "
-                     f"{r['peak_mem']:.2f} | {targets.get(k, '')} |")
-    lines += ["", "Naive VRPO runs four full prompt + response rows per example against DPO's two; the "
-              "shared-prompt path encodes the prompt once and continues it with the 2 or 4 responses "
-              "(gradients flow through the prompt's keys and values; loss equal to the naive path, tested).", ""]
+        f"{st['response_tokens']} tokens (same token ids for every variant), {st['precision']}, {dev}, "
+        f"{bench['cpu_count']} CPU cores, {next(iter(v.values()))['threads']} torch thread(s) per process, 1-min load "
+        f"average {load[0][0]:.1f} at the start and {load[-1][0]:.1f} at the end; {st.get('rounds', 1)} interleaved rounds of {st['steps']} timed Trainer steps each (collation, "
+        "forward, loss, backward, clipping, AdamW). Step time: minimum over steps and rounds (median of the rounds' "
+        "medians in brackets), process CPU time: median (less sensitive to other load); peak memory: growth of the process's peak RSS (CPU) or max allocated (GPU) "
+        "during training, in a fresh process. `trl-dpo`: trl.DPOTrainer with precomputed reference log-probs (`-refmodel`: its default "
+        "reference forward per step); `dpo-*`/`vrpo-*`: VRPOTrainer with `lam = 0`/`1` (one extra pair), `naive` one "
+        "prompt + response row per response, `shared` the prompt encoded once for all responses.", "",
+        "| variant | step time (ms) | process CPU time (ms) | peak memory (MiB) |", "|---|---|---|---|",
+        *[f"| {n} | {x['step_s_min'] * 1e3:.0f} ({x['step_s_median'] * 1e3:.0f}) | {x['step_cpu_s_median'] * 1e3:.0f} | "
+          f"{x['peak_mem_mb']:.0f} |" for n, x in v.items()],
+        "", "| ratio | step time | CPU time | peak memory | target (time, memory) |", "|---|---|---|---|---|",
+        *[f"| {k.replace('_', ' ')} | {r['step_time_min']:.2f} ({r['step_time_median']:.2f}) | "
+          f"{r['step_cpu_time_median']:.2f} | {r['peak_mem']:.2f} | "
+          f"{', '.join(t for t in (r.get('target_time'), r.get('target_mem')) if t)} |" for k, r in bench["ratios"].items()],
+        ""]
     return "\n".join(lines)
 
 
@@ -252,5 +241,4 @@ def write_report(results: dict, fig_dir: Path, bench_path: str | os.PathLike | N
     bench_path = Path(bench_path) if bench_path else Path(results["config"]["results_dir"]).parent / "policy_bench.json"
     if bench_path.exists():
         text += "\n" + cost_section(json.loads(bench_path.read_text()))
-    with atomic_path(fig_dir / FRAGMENT) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(fig_dir / FRAGMENT, text)

@@ -1,5 +1,5 @@
 """``vrpo policy-demo``: offline DPO vs VRPO on HH-RLHF with a small GPT-2 (llm.policy_demo),
-and ``vrpo policy-bench``: step time and peak memory of VRPO vs DPO (llm.bench_policy)."""
+and ``vrpo policy-bench``: step time and peak memory of VRPOTrainer vs trl.DPOTrainer (llm.bench_policy)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,10 @@ def register(subparsers) -> None:
 
     b = subparsers.add_parser(
         "policy-bench",
-        help="step time and peak memory of VRPO vs DPO (naive and shared-prompt), printed as ratios",
+        help="step time and peak memory of VRPOTrainer (DPO and VRPO, naive and shared-prompt) vs trl.DPOTrainer",
         description="Same model and batch for every variant; each variant runs in a fresh subprocess so its peak "
-        "memory is its own. Default model: a GPT-2 of the demo's shape; --model takes a hub name or path.",
+        "memory is its own; variants interleaved over rounds. Model: a random GPT-2 of the demo's shape.",
     )
-    b.add_argument("--model", help="AutoModelForCausalLM name or path (default: random GPT-2, demo shape)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--prompt-tokens", type=int, default=192)
     b.add_argument("--response-tokens", type=int, default=64)
@@ -47,7 +46,7 @@ def register(subparsers) -> None:
     b.add_argument("--n-embd", type=int, default=128)
     b.add_argument("--vocab", type=int, default=2048)
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four variants (median)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants (min and median)")
     b.add_argument("--out", default="results/policy_bench.json")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=bench_main)
