@@ -40,7 +40,13 @@ def validation_summary(result: dict) -> dict:
     vr = th[(th["statistic"] == "variance ratio VR/MLE") & (th["method"] == "vr:1")]
     mut = {m: {"killed": v["killed"], "min_abs_z": round(v["min_abs_z"], 1), "max_abs_z": round(v["max_abs_z"], 1)}
            for m, v in s["mutants"].items()}
+    designs = {}
+    d4 = vr[(vr["g"] == "oracle") & (vr["M"] == 4)]
+    for (sc, ap), g in d4.groupby(["scenario", "prompts"]):
+        designs[f"{sc}|{ap}"] = {"sim_median": round(float(g["sim"].median()), 3),
+                                 "pred_median": round(float(g["pred"].median()), 3), "instances": int(len(g))}
     return {
+        "designs": designs,
         "mode": result["mode"], "theory_checks": s["theory_checks"], "theory_flagged": s["theory_flagged"],
         "expected_flagged": round(s["expected_flagged"], 2), "theory_rejected": s["theory_rejected"],
         "holm_alpha": s["holm_alpha"], "max_abs_z": round(float(np.nanmax(np.abs(th["z"]))), 1),

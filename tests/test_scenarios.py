@@ -185,12 +185,25 @@ def test_learned_g_is_cross_fitted():
 
 
 def test_self_g_makes_vr_equal_to_mle_exactly():
-    """The BT-MLE solves the VR estimating equation when g is the MLE's own sigma(delta)."""
+    """The BT-MLE solves the VR estimating equation when g is the MLE's own sigma(delta): the VR
+    gradient (public vrpo.pair_score pieces) vanishes at the MLE, and Newton on L_VR started at
+    theta = 0 (not at the MLE, where fit_bt's VR fit starts) lands on it."""
+    from vrpo.variance import pair_hessian, pair_score
+
     sc, data = _batch(R=3, n=400)
     g, ga = make_aux("self", sc)(data, [None] * 3)
     mle = vrpo.fit_bt(data.X, data.Z, lam=0)
-    vr = vrpo.fit_bt(data.X, data.Z, g, data.X_aux, ga, lam=1.0)
-    np.testing.assert_allclose(vr.theta, mle.theta, atol=1e-9)
+    R, n, M, d = data.X_aux.shape
+    Xa, gaf = data.X_aux.reshape(R, n * M, d), ga.reshape(R, n * M)
+
+    def grad(th):  # d L_VR / d theta at lam = 1: mean (g - Z) X + mean (s_a - g_a) X_a
+        return (pair_score(th, data.X, data.Z) - pair_score(th, data.X, g)).mean(1) + pair_score(th, Xa, gaf).mean(1)
+
+    assert np.max(np.abs(grad(mle.theta))) < 1e-10
+    th = np.zeros((R, d))
+    for _ in range(30):  # plain Newton on the (convex) lam = 1 objective; its Hessian is the extra pairs'
+        th = th - np.linalg.solve(pair_hessian(th, Xa), grad(th)[..., None])[..., 0]
+    np.testing.assert_allclose(th, mle.theta, atol=1e-9)
 
 
 # ----------------------------------------------------------------- policies

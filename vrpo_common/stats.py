@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Z95", "mean_se", "mean_ci", "sq_dev", "trace_cov_se", "paired_ratio", "z_score", "p_two_sided", "holm",
-           "holm_threshold", "extrapolate_inv_n", "delta_se"]
+           "holm_threshold", "extrapolate_inv_n", "delta_se",
+           "wilson"]
 
 #: two-sided 95% normal quantile, ``Phi^-1(0.975)``
 Z95 = 1.959963984540054
@@ -159,3 +160,14 @@ def delta_se(fn, samples, rel_step: float = 1e-6) -> tuple[float, float]:
         grad[j] = (fn(up) - fn(dn)) / (2 * h)
     C = np.atleast_2d(np.cov(X, rowvar=False, ddof=1))
     return val, float(np.sqrt(max(grad @ C @ grad, 0.0) / R))
+
+
+def wilson(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval ``(lo, hi)`` for a binomial proportion ``k / n`` (arrays broadcast);
+    unlike ``p +- z se`` it stays inside [0, 1] and is informative at ``k = 0``."""
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    p = k / n
+    den = 1.0 + z**2 / n
+    mid = (p + z**2 / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / den
+    return np.clip(mid - half, 0.0, 1.0), np.clip(mid + half, 0.0, 1.0)
