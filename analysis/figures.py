@@ -53,16 +53,17 @@ KAPPA_GRID = {
 G_LADDER = ("oracle", "noisy:0.5", "noisy:1.0", "noisy:2.0", "noisy:4.0", "biased:30", "biased:60", "constant",
             "self", "learned:5")
 M_GRID = (1, 2, 4, 8, 16)
-REPS = {"main": 300, "kappa": 200, "gquality": 200, "reference": 300, "M": 200}
+REPS = {"main": 200, "kappa": 150, "gquality": 200, "reference": 300, "M": 150}
 THEORY_CTX = 10000  # contexts of the figures' theory (jackknife SE reported); validate uses 20000-40000
-MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F4, F5
+MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F5
+M_SCEN = "prompt-type:1.0"  # F4: annotator type set by the prompt, so shared and fresh prompts differ
 
 
 def figure_sweeps(smoke: bool = False, cache_dir="paper_figures/cache", n_jobs: int = 2,
                   progress: bool = True) -> dict[str, ExperimentConfig]:
     """The sweeps behind the figure set, keyed by name (``smoke``: seconds-long versions)."""
     cache_dir = Path(cache_dir)
-    base = ExperimentConfig(seed=0, n_jobs=n_jobs, progress=progress, chunk_size=50)
+    base = ExperimentConfig(seed=0, n_jobs=n_jobs, progress=progress, chunk_size=50, n_eval=1000)
     kappa_scen = tuple(f"{s}:{k:g}" for s, ks in KAPPA_GRID.items() for k in ks)
     if smoke:
         base = base.replace(n_pop=2000, n_eval=200, chunk_size=25, n_jobs=1)
@@ -84,7 +85,7 @@ def figure_sweeps(smoke: bool = False, cache_dir="paper_figures/cache", n_jobs: 
     for M in (M_GRID if not smoke else (1, 4)):
         for prompts in ("same", "fresh"):
             nm = f"M{M}-{prompts}"
-            cfgs[nm] = base.replace(name=nm, scenarios=(MISSPEC,), n=(1000,) if not smoke else (300,), g=("oracle",),
+            cfgs[nm] = base.replace(name=nm, scenarios=(M_SCEN,), n=(1000,) if not smoke else (300,), g=("oracle",),
                                     M=M, aux_prompts=prompts, methods=("mle", "vr", "vr-auto"),
                                     reps=REPS["M"] if not smoke else 30)
     return {k: v.replace(output=str(cache_dir / f"{k}.parquet")) for k, v in cfgs.items()}
@@ -342,7 +343,7 @@ def fig_M_effect(fs: FigureSet, formats):
         axes[0].set_ylabel("variance ratio VR / MLE")
         axes[0].legend(fontsize=7)
         n = int(tab["n"].iloc[0])
-        fig.suptitle(f"Effect of M and of fresh prompts ({MISSPEC}, oracle g, n = {n})", fontsize=11)
+        fig.suptitle(f"Effect of M and of fresh prompts ({tab['scenario'].iloc[0]}, oracle g, n = {n})", fontsize=11)
         fig.tight_layout()
         paths = save_figure(fig, fs.out_dir / "F4_M_and_fresh_prompts", formats)
     reps = int(tab["reps"].max())
@@ -350,7 +351,8 @@ def fig_M_effect(fs: FigureSet, formats):
     th = {d: vr[vr["aux_prompts"] == d].sort_values("M") for d in ("same", "fresh")}
     span = "; ".join(f"{d} prompts: predicted {t['var_ratio_th'].iloc[0]:.3f} at M = {int(t['M'].iloc[0])} to "
                      f"{t['var_ratio_th'].iloc[-1]:.3f} at M = {int(t['M'].iloc[-1])}" for d, t in th.items() if len(t))
-    cap = (f"Variance ratio VR / MLE against the number M of extra pairs per labelled prompt in `{MISSPEC}` with the "
+    cap = (f"Variance ratio VR / MLE against the number M of extra pairs per labelled prompt in `{tab['scenario'].iloc[0]}` "
+           "(annotator type set by the prompt) with the "
            "oracle g: extra pairs sharing the labelled prompt (solid, filled) or drawn on fresh prompts (N = M n, "
            "dashed, open). Lines: theory; points: simulated ratio of n tr Cov over "
            f"up to {reps} paired replications, 95% intervals ({span}). With shared prompts VR removes "
@@ -485,8 +487,8 @@ def fig_lam1_finite_sample(fs: FigureSet, formats):
             k = np.round(np.asarray(p) * cfg.reps)
             lo, hi = wilson(k, cfg.reps)
             pos = k > 0
-            y = np.where(pos, p, floor)
-            err = np.where(pos, [y - lo, hi - y], 0.0)
+            y = np.where(pos, p, np.nan)  # no line through zero counts: they get open markers at the floor
+            err = np.where(pos, [np.nan_to_num(y) - lo, hi - np.nan_to_num(y)], 0.0)
             ax.errorbar(n, y, yerr=err, capsize=2, ms=4, **kw)
             ax.scatter(np.asarray(n)[~pos], np.full((~pos).sum(), floor), facecolor="white",
                        edgecolor=kw.get("color"), zorder=3)
@@ -523,7 +525,8 @@ def fig_lam1_finite_sample(fs: FigureSet, formats):
            "of fits flagged converged = False (objective unbounded below), with 95% Wilson intervals; open markers "
            f"at the bottom: none observed (95% upper bound {wilson(0, cfg.reps)[1]:.1%}). Dashed: the BT-MLE's "
            "separation rate on the same samples. (b) Bias of the "
-           "fits that are kept, |mean theta_hat - theta*| in units of sqrt(tr Cov). (c) What leaving fits out does by "
+           "fits that are kept, |mean theta_hat - theta*| (noise of the mean removed) in units of sqrt(tr Cov), "
+           "dashed: the MLE on the same samples. (c) What leaving fits out does by "
            "itself: the shift of the MLE twins' mean when the replications whose VR fit failed are dropped, in units "
            "of the MLE's SD (no point: nothing dropped). Study `lam1` (analysis/finite_sample.py).")
     return paths, cap
