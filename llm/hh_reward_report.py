@@ -9,6 +9,7 @@ assembled ``REPORT.md`` lives).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +453,42 @@ def make_fragment(result: dict, pngs: list[Path], fig_dir: Path) -> str:
         L += _bias_explanation(result, df) + [""]
     L += ["**Held-out accuracy / log-loss** against human labels: MLE absolute, others as difference from MLE on the "
           "same subsamples:", ""] + _acc_table(df) + [""]
+    summary = _summary(result, df)
     L += ["**Inference**: sandwich variance over resampled variance (1 = calibrated), mean 95% Wald CI width (per "
           "coordinate), and coverage of theta* (nominal 0.95):", ""] + _calib_table(df) + [""]
+    L += [f"<!-- vrpo-summary: {json.dumps(summary, sort_keys=True)} -->", ""]
     return "\n".join(L) + "\n"
+
+
+def _summary(result: dict, df: pd.DataFrame) -> dict:
+    """Numbers the report's README block quotes (computed here, embedded in the fragment)."""
+    out = {}
+    for m in ("vr", "auto"):
+        s = df[(df["g"] == "llm") & (df["method"] == m)]["var_ratio"]
+        if len(s):
+            out[f"llm_{m}_ratio_median"] = round(float(s.median()), 2)
+            out[f"llm_{m}_ratio_min"] = round(float(s.min()), 2)
+            out[f"llm_{m}_ratio_max"] = round(float(s.max()), 2)
+    study = pd.DataFrame([r for c in result["cells"] for r in c.get("bias_study", [])])
+    if len(study) and "bias_vec" in study.columns:
+        study["bias"] = [_debiased_norm(b, se) for b, se in zip(study["bias_vec"], study["bias_se_vec"])]
+        vr = study[study["method"] == "vr"].groupby("N")["bias"].median()
+        mle = float(study[study["method"] == "mle"]["bias"].median())
+        N0 = result["config"]["n_aux"]
+        if N0 in vr.index:
+            out.update(bias_n=int(study["n"].iloc[0]), bias_N0=int(N0), bias_Nmax=int(vr.index[-1]),
+                       bias_vr_over_mle=round(float(vr.loc[N0] / mle), 1),
+                       bias_cut_pct=round(float(100 * (1 - vr.iloc[-1] / vr.loc[N0]))))
+    if "bias_vec" in df.columns:
+        vrr = df[(df["g"] == "llm") & (df["method"] == "vr") & (df["n"] >= 200)]
+        N0 = result["config"]["n_aux"]
+        ps = []
+        for cell, g in vrr.groupby("cell"):
+            pts = [(r.n, N0, r.bias_vec, r.bias_se_vec) for r in g.itertuples()]
+            pts += [(r.n, r.N, r.bias_vec, r.bias_se_vec) for r in study[(study["method"] == "vr")
+                                                                         & (study["cell"] == cell)].itertuples()]
+            if len(pts) > 3:
+                ps.append(limit_bias(pts, with_N=True)["p"])
+        if ps:
+            out["limit_p_min"] = round(float(min(ps)), 2)
+    return out
