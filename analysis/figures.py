@@ -53,7 +53,7 @@ KAPPA_GRID = {
 G_LADDER = ("oracle", "noisy:0.5", "noisy:1.0", "noisy:2.0", "noisy:4.0", "biased:30", "biased:60", "constant",
             "self", "learned:5")
 M_GRID = (1, 2, 4, 8, 16)
-REPS = {"main": 200, "kappa": 150, "gquality": 200, "reference": 300, "M": 150}
+REPS = {"main": 200, "kappa": 100, "gquality": 200, "reference": 300, "M": 150}
 THEORY_CTX = 10000  # contexts of the figures' theory (jackknife SE reported); validate uses 20000-40000
 MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F5
 M_SCEN = "prompt-type:1.0"  # F4: annotator type set by the prompt, so shared and fresh prompts differ

@@ -142,8 +142,8 @@ def _gain_bullet(N) -> str | None:
     bt_txt = f"ratio {_f(float(bt.iloc[0]), '{:.3f}')}" if len(bt) else "ratio 1"
     return ("VR's gain is the within-prompt misspecification variance `(1 - 1/M) E_x Var(m | x)` (METHOD.md s3): "
             f"none under BT ({bt_txt} predicted), {_f(100 * N['mixture_gain'], '{:.0f}')}% in the two-annotator "
-            f"mixture, up to {_f(100 * (1 - best['var_ratio_th'].iloc[0]), '{:.0f}')}% in "
-            + " and ".join(f"`{s}`" for s in best["scenario"])
+            "mixture, up to " + " and ".join(f"{_f(100 * (1 - r.var_ratio_th), '{:.0f}')}% in `{r.scenario}`"
+                                              for r in best.itertuples())
             + (f"; within 2% of nothing for {', '.join(none)} at every strength tested" if none else "")
             + " (oracle g, M = 4, n = 1000).")
 

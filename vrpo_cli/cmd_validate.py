@@ -8,25 +8,25 @@ from pathlib import Path
 
 
 def _validate(args) -> int:
-    from analysis.validate import exit_code, format_table, render_markdown, run_validation, write_result
+    from analysis import validate as V
 
     mode = "default" if args.default else "quick"
     out = Path(args.out) if args.out else Path("results/validate") / f"{mode}.json"
-    result = run_validation(mode, seed=args.seed, n_jobs=args.n_jobs, cache_dir=None if args.no_cache else args.cache_dir,
+    result = V.run_validation(mode, seed=args.seed, n_jobs=args.n_jobs, cache_dir=None if args.no_cache else args.cache_dir,
                             progress=not (args.no_progress or args.json), fresh=args.fresh)
-    write_result(result, out)
+    V.write_result(result, out)
     if args.fragment:
         from vrpo_common.fileio import write_text
 
-        write_text(args.fragment, render_markdown(result))
-    code = exit_code(result)
+        write_text(args.fragment, V.render_markdown(result))
+    code = V.exit_code(result)
     if args.json:
-        from vrpo_common.fileio import json_default
+        from analysis.validate import strict_json
 
-        json.dump(result, sys.stdout, default=json_default, indent=1)
+        json.dump(strict_json(result), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     else:
-        print(format_table(result))
+        print(V.format_table(result))
         print(f"results: {out}" + (f"\nfragment: {args.fragment}" if args.fragment else ""))
         print("VALIDATION PASSED" if code == 0 else "VALIDATION FAILED")
     return code
