@@ -234,7 +234,7 @@ def fig_ratio_vs_kappa(fs: FigureSet, formats):
             ax.set_ylabel("variance ratio VR / MLE")
         for ax in list(axes.flat)[len(fams):]:
             ax.set_visible(False)
-        axes[0, 0].legend(fontsize=7, loc="lower left")
+        axes[0, 0].legend(fontsize=7, loc="upper right")
         n = int(tab["n"].iloc[0])
         fig.suptitle(f"VR (lam = 1, oracle g, M = {fs.configs['kappa'].M}) / BT-MLE variance, n = {n}", fontsize=11)
         fig.tight_layout()

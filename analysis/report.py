@@ -158,7 +158,7 @@ def _prompt_bullet(N) -> str | None:
     both = [s for s in same if s in fresh]
     if not both:
         return None
-    s = both[0]
+    s = max(both, key=lambda k: abs(same[k]["sim_median"] - fresh[k]["sim_median"]))  # the clearest case
     a, b = same[s], fresh[s]
     return (f"When the annotator type is set by the prompt (`{s}`), extra pairs on the labelled prompt remove "
             f"{_word(a['sim_median'] - b['sim_median'], 'less', 'more', 'as much')} variance than pairs on fresh "
@@ -210,10 +210,10 @@ def _validation_bullet(N) -> str | None:
     v = N["val"]
     if not v:
         return None
-    mz = [m["min_abs_z"] for m in v["mutants"].values()]
+    kz = [m["max_abs_z"] for m in v["mutants"].values()]
     return (f"`vrpo validate` ({v['mode']} mode, {v['instances']} bandit instances, >= {v['min_reps']} replications "
             f"per cell): {v['mutants_killed']} of {v['mutants_total']} deliberately wrong theories and sandwiches "
-            f"rejected (smallest effect among them {min(mz):.1f} SE, largest {max(m['max_abs_z'] for m in v['mutants'].values()):.1f}); "
+            f"rejected (each mutant's largest effect between {min(kz):.1f} and {max(kz):.1f} SE); "
             f"the correct theory passes {v['theory_checks'] - v['theory_rejected']} of {v['theory_checks']} checks "
             f"after Holm at family-wise {v['holm_alpha']:g} ({v['theory_flagged']} beyond 3 SE, "
             f"{v['expected_flagged']:.2f} expected by chance).")
@@ -430,10 +430,12 @@ def _diagnose(r, comp, groups, fs) -> str:
     others = groups.get((r.sweep, r.scenario), [])
     if others:
         zs = comp[comp["sweep"].isin(others) & (comp["scenario"] == r.scenario) & (comp["n"] == r.n)
-                  & (comp["method"] == r.method)][f"z_{r.check}"].dropna()
+                  & (comp["method"] == r.method) & (comp["g"] == r.g)][f"z_{r.check}"].dropna()
+        same = ("" if not len(zs) else
+                f", where the same check (same g and method) has z = {zs.iloc[0]:+.1f}" if len(zs) == 1 else
+                f", where the same check (same g and method) has z from {zs.min():+.1f} to {zs.max():+.1f}")
         why.append(f"shares its labelled data with {len(others)} other sweep(s) (" + ", ".join(f"`{o}`" for o in others[:4])
-                   + ("..." if len(others) > 4 else "") + ")"
-                   + (f", whose same check has z from {zs.min():+.1f} to {zs.max():+.1f}" if len(zs) else ""))
+                   + ("..." if len(others) > 4 else "") + ")" + same)
     return "; ".join(why)
 
 

@@ -114,6 +114,7 @@ def test_changing_a_result_changes_the_sentence(smoke_set):
            "theory_checks": 40, "theory_rejected": 1, "holm_alpha": 0.001, "theory_flagged": 2, "expected_flagged": 0.11}
     txt = " ".join(readme_block(fs, val))
     assert "6 of 7 deliberately wrong" in txt and "passes 39 of 40 checks" in txt
+    assert "largest effect between 1.5 and 20.0 SE" in txt
 
 
 def test_readme_findings_are_the_reports_block():
