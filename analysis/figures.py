@@ -28,7 +28,7 @@ import pandas as pd
 
 from sim.config import ExperimentConfig
 from sim.summary import summarize
-from vrpo_common.stats import Z95
+from vrpo_common.stats import Z95, wilson
 
 from .compare import compare_table, sweep_theories
 from .plots import method_style, save_figure
@@ -37,6 +37,8 @@ __all__ = ["figure_sweeps", "load_or_run", "build_figure_set", "FigureSet", "KAP
 
 # Misspecification strengths per scenario (kappa = 0 is BT for all of them).
 KAPPA_GRID = {
+    "prompt-type": (0.5, 1.0, 2.0),
+    "context-mixture": (1.0, 2.0, 4.0),
     "probit": (0.25, 0.5, 1.0),
     "heavy-tail": (0.25, 0.5, 1.0),
     "mixture": (0.5, 1.0, 1.5, 2.0),
@@ -51,38 +53,41 @@ KAPPA_GRID = {
 G_LADDER = ("oracle", "noisy:0.5", "noisy:1.0", "noisy:2.0", "noisy:4.0", "biased:30", "biased:60", "constant",
             "self", "learned:5")
 M_GRID = (1, 2, 4, 8, 16)
-MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F4, F5
+REPS = {"main": 200, "kappa": 100, "gquality": 200, "reference": 300, "M": 150}
+THEORY_CTX = 10000  # contexts of the figures' theory (jackknife SE reported); validate uses 20000-40000
+MISSPEC = "mixture:1.0"  # the misspecified scenario of F1, F3, F5
+M_SCEN = "prompt-type:1.0"  # F4: annotator type set by the prompt, so shared and fresh prompts differ
 
 
 def figure_sweeps(smoke: bool = False, cache_dir="paper_figures/cache", n_jobs: int = 2,
                   progress: bool = True) -> dict[str, ExperimentConfig]:
     """The sweeps behind the figure set, keyed by name (``smoke``: seconds-long versions)."""
     cache_dir = Path(cache_dir)
-    base = ExperimentConfig(seed=0, n_jobs=n_jobs, progress=progress, chunk_size=50)
+    base = ExperimentConfig(seed=0, n_jobs=n_jobs, progress=progress, chunk_size=50, n_eval=1000)
     kappa_scen = tuple(f"{s}:{k:g}" for s, ks in KAPPA_GRID.items() for k in ks)
     if smoke:
         base = base.replace(n_pop=2000, n_eval=200, chunk_size=25, n_jobs=1)
         kappa_scen = ("mixture:1", "flip:0.2")
     main_n = (250, 500, 1000, 2000, 4000) if not smoke else (200, 400)
+    # Sized for `vrpo figures` <= 3 min on 2 cores from an empty cache (issue 9); the high-power,
+    # independent theory checks are `vrpo validate`'s job (analysis.validate), not the figures'.
     cfgs = {
         "main": base.replace(name="main", scenarios=("bt", MISSPEC), n=main_n, g=("oracle",),
-                             methods=("mle", "vr", "vr-auto"), reps=400 if not smoke else 30),
+                             methods=("mle", "vr", "vr-auto"), reps=REPS["main"] if not smoke else 30),
         "kappa": base.replace(name="kappa", scenarios=kappa_scen, n=(1000,) if not smoke else (300,), g=("oracle",),
-                              methods=("mle", "vr"), reps=200 if not smoke else 30),
+                              methods=("mle", "vr"), reps=REPS["kappa"] if not smoke else 30),
         "gquality": base.replace(name="gquality", scenarios=(MISSPEC,), n=(1000,) if not smoke else (300,),
                                  g=G_LADDER if not smoke else ("oracle", "noisy:2.0", "biased:60", "constant", "self"),
-                                 methods=("mle", "vr", "vr-auto"), reps=300 if not smoke else 30),
-        "precision": base.replace(name="precision", scenarios=(MISSPEC,), seed=1, n=(1000,) if not smoke else (300,),
-                                  g=("oracle",), methods=("mle", "vr"), reps=1600 if not smoke else 40),
+                                 methods=("mle", "vr", "vr-auto"), reps=REPS["gquality"] if not smoke else 30),
         "reference": base.replace(name="reference", scenarios=(MISSPEC,), scale=10.0, n=(1000,) if not smoke else (300,),
-                                  g=("oracle",), methods=("mle", "vr"), reps=400 if not smoke else 30),
+                                  g=("oracle",), methods=("mle", "vr"), reps=REPS["reference"] if not smoke else 30),
     }
     for M in (M_GRID if not smoke else (1, 4)):
         for prompts in ("same", "fresh"):
             nm = f"M{M}-{prompts}"
-            cfgs[nm] = base.replace(name=nm, scenarios=(MISSPEC,), n=(1000,) if not smoke else (300,), g=("oracle",),
+            cfgs[nm] = base.replace(name=nm, scenarios=(M_SCEN,), n=(1000,) if not smoke else (300,), g=("oracle",),
                                     M=M, aux_prompts=prompts, methods=("mle", "vr", "vr-auto"),
-                                    reps=200 if not smoke else 30)
+                                    reps=REPS["M"] if not smoke else 30)
     return {k: v.replace(output=str(cache_dir / f"{k}.parquet")) for k, v in cfgs.items()}
 
 
@@ -107,7 +112,8 @@ def load_or_run(cfg: ExperimentConfig, fresh: bool = False) -> tuple[pd.DataFram
 
 @dataclass
 class FigureSet:
-    """Everything the report needs: configs, summaries, comparison tables, figures, timings."""
+    """Everything the report needs: configs, results (``frames``), summaries, comparison tables,
+    figures, timings and derived data (``data``)."""
 
     out_dir: Path
     smoke: bool
@@ -119,6 +125,7 @@ class FigureSet:
     figures: list = field(default_factory=list)  # dicts: id, title, paths, caption, sweeps
     timings: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    frames: dict = field(default_factory=dict)
 
     @property
     def compare(self) -> pd.DataFrame:
@@ -184,11 +191,19 @@ def fig_regret_vs_n(fs: FigureSet, formats):
     cap = (f"Regret under the projected reward r* = theta*.phi vs the number of labelled pairs n, BT-MLE, VR "
            f"(lam = 1) and VR-auto with the oracle g, in the well-specified `bt` scenario (left) and the misspecified "
            f"`{MISSPEC}` scenario (right). Top: E[regret] (log-log) with the theory lines tr(G V)/(2 beta n); bottom: "
-           "n E[regret] with the constants tr(G V)/(2 beta), where the differences between methods are visible "
-           "(under BT the three constants coincide). "
+           "n E[regret] with the constants tr(G V)/(2 beta)"
+           + _bt_constants_note(tab) + ". "
            f"Means over {_reps_text(summ)} replications (common data for all methods) with 95% Monte Carlo intervals. "
            f"Sweep `main` (seed {cfg.seed}, scale {cfg.scale:g}, d = {cfg.d}, K = {cfg.K}, M = {cfg.M}).")
     return paths, cap
+
+
+def _bt_constants_note(tab) -> str:
+    bt = tab[tab["scenario"] == "bt"].drop_duplicates("method")
+    if len(bt) < 2:
+        return ""
+    c = bt["regret_const_th"].to_numpy(float)
+    return f" (under BT the methods' constants differ by at most {np.max(np.abs(c / c[0] - 1)):.1e} relatively)"
 
 
 # --------------------------------------------------------------------------- F2
@@ -219,7 +234,7 @@ def fig_ratio_vs_kappa(fs: FigureSet, formats):
             ax.set_ylabel("variance ratio VR / MLE")
         for ax in list(axes.flat)[len(fams):]:
             ax.set_visible(False)
-        axes[0, 0].legend(fontsize=7, loc="lower left")
+        axes[0, 0].legend(fontsize=7, loc="upper right")
         n = int(tab["n"].iloc[0])
         fig.suptitle(f"VR (lam = 1, oracle g, M = {fs.configs['kappa'].M}) / BT-MLE variance, n = {n}", fontsize=11)
         fig.tight_layout()
@@ -283,10 +298,20 @@ def fig_g_quality(fs: FigureSet, formats):
            f"{_reps_text(summ)} paired replications (95% intervals) with the predicted ratio as a bar; values above 1 "
            "mean VR is worse than the MLE. 'n.c.' counts fits flagged as not converged (unbounded VR objective), "
            "excluded. Bottom: the lam actually used (1, or the mean data-tuned value) and the population optimum "
-           "clipped to [0, 1]. For `self`, VR equals the MLE for every lam; the correction has no variance, so the "
-           "data-tuned lam is set to 0; for `learned:5` the theory is that of the limiting g, while the cross-fitted g at this n is much "
-           f"noisier, hence its smaller data-tuned lam. Sweep `gquality` (seed {cfg.seed}).")
+           "clipped to [0, 1]. For `self` the correction term is identically zero at the MLE, so VR is the MLE for "
+           "every lam and the data-tuned lam is set to 0" + _learned_note(tab) + f". Sweep `gquality` (seed {cfg.seed}).")
     return paths, cap
+
+
+def _learned_note(tab) -> str:
+    a = tab[(tab["g"] == "learned:5") & (tab["method"] == "vr-auto")]
+    if a.empty:
+        return ""
+    r = a.iloc[0]
+    rel = "below" if r.lam_sim < r.lam_th else "above"
+    return (f"; for `learned:5` the theory is that of the limiting g, and the mean data-tuned lam "
+            f"({r.lam_sim:.2f}) is {rel} that limit's optimum ({r.lam_th:.2f}): at this n the cross-fitted g differs "
+            "from its limit")
 
 
 # --------------------------------------------------------------------------- F4
@@ -318,17 +343,43 @@ def fig_M_effect(fs: FigureSet, formats):
         axes[0].set_ylabel("variance ratio VR / MLE")
         axes[0].legend(fontsize=7)
         n = int(tab["n"].iloc[0])
-        fig.suptitle(f"Effect of M and of fresh prompts ({MISSPEC}, oracle g, n = {n})", fontsize=11)
+        fig.suptitle(f"Effect of M and of fresh prompts ({tab['scenario'].iloc[0]}, oracle g, n = {n})", fontsize=11)
         fig.tight_layout()
         paths = save_figure(fig, fs.out_dir / "F4_M_and_fresh_prompts", formats)
     reps = int(tab["reps"].max())
-    cap = (f"Variance ratio VR / MLE against the number M of extra pairs per labelled prompt in `{MISSPEC}` with the "
+    vr = tab[tab["method"] == "vr"]
+    th = {d: vr[vr["aux_prompts"] == d].sort_values("M") for d in ("same", "fresh")}
+    span = "; ".join(f"{d} prompts: predicted {t['var_ratio_th'].iloc[0]:.3f} at M = {int(t['M'].iloc[0])} to "
+                     f"{t['var_ratio_th'].iloc[-1]:.3f} at M = {int(t['M'].iloc[-1])}" for d, t in th.items() if len(t))
+    cap = (f"Variance ratio VR / MLE against the number M of extra pairs per labelled prompt in `{tab['scenario'].iloc[0]}` "
+           "(annotator type set by the prompt) with the "
            "oracle g: extra pairs sharing the labelled prompt (solid, filled) or drawn on fresh prompts (N = M n, "
            "dashed, open). Lines: theory; points: simulated ratio of n tr Cov over "
-           f"up to {reps} paired replications, 95% intervals. With shared prompts only the within-prompt part "
-           "(1 - 1/M) E_x Var(m|x) of the misspecification variance is removed, so the gain saturates as M grows; "
-           "fresh prompts also remove the between-prompt term Var_x E[m|x], up to the factor 1/M. Sweeps `M<M>-same` and `M<M>-fresh` (seed 0).")
+           f"up to {reps} paired replications, 95% intervals ({span}). With shared prompts VR removes "
+           "(1 - 1/M) E_x Var(m|x), with fresh prompts (1 - 1/M) Var(m) (METHOD.md s3). "
+           + _m_note(fs.data.get("m_diagnosis")) + " Sweeps `M<M>-same` and `M<M>-fresh` (seed 0).")
     return paths, cap
+
+
+def _m_note(d) -> str:
+    """The shared-data diagnosis of F4, from :func:`m_sweeps_diagnosis`."""
+    if not d or d.get("mle_z") is None:
+        return ""
+    parts = []
+    for design, v in d["designs"].items():
+        zs = np.asarray(v["vr_z"])
+        parts.append(f"{design}: VR z from {zs.min():+.1f} to {zs.max():+.1f}, median correlation of the VR "
+                     f"replications' squared errors across M {v['corr_vr_median']:.2f}")
+    zmed = np.median(np.concatenate([np.asarray(v["vr_z"]) for v in d["designs"].values()]))
+    if abs(d["mle_z"]) < 1 and abs(zmed) > 1.5:
+        verdict = "the shared labelled samples moved the VR numerators, not the MLE denominator"
+    elif abs(d["mle_z"]) >= 1 and abs(zmed) > 1.5:
+        verdict = "numerators and denominator both moved"
+    else:
+        verdict = "neither the numerators nor the denominator is beyond noise"
+    return ("All M cells share the labelled data (same seed and scenario), so their points are not independent: the "
+            f"MLE denominator is one sample (n tr Cov vs tr V: z = {d['mle_z']:+.1f}); " + "; ".join(parts)
+            + f": {verdict}.")
 
 
 # --------------------------------------------------------------------------- F5
@@ -417,6 +468,70 @@ def fig_coverage(fs: FigureSet, formats):
     return paths, cap
 
 
+# --------------------------------------------------------------------------- F7
+
+
+def fig_lam1_finite_sample(fs: FigureSet, formats):
+    import matplotlib.pyplot as plt
+
+    df = fs.data["lam1"]
+    cfg = fs.data["lam1_config"]
+    gs = list(dict.fromkeys(df["g"]))
+    cmap = plt.get_cmap("viridis")
+    col = {g: cmap(i / max(len(gs) - 1, 1)) for i, g in enumerate(gs)}
+    with _style():
+        fig, axes = plt.subplots(1, 3, figsize=(14.5, 4.0))
+        floor = 0.5 / cfg.reps  # zero counts drawn at half a replication, open markers, no bar
+
+        def rate(ax, n, p, **kw):
+            k = np.round(np.asarray(p) * cfg.reps)
+            lo, hi = wilson(k, cfg.reps)
+            pos = k > 0
+            y = np.where(pos, p, np.nan)  # no line through zero counts: they get open markers at the floor
+            err = np.where(pos, [np.nan_to_num(y) - lo, hi - np.nan_to_num(y)], 0.0)
+            ax.errorbar(n, y, yerr=err, capsize=2, ms=4, **kw)
+            ax.scatter(np.asarray(n)[~pos], np.full((~pos).sum(), floor), facecolor="white",
+                       edgecolor=kw.get("color"), zorder=3)
+
+        for g in gs:
+            d = df[df["g"] == g].sort_values("n")
+            rate(axes[0], d["n"].to_numpy(), d["nc_vr"].to_numpy(), color=col[g], marker="o", lw=1.2, label=g)
+            axes[1].plot(d["n"], d["bias_vr_sd"], color=col[g], marker="o", ms=4, lw=1.2, label=g)
+            axes[2].plot(d["n"], d["selection_sd"], color=col[g], marker="o", ms=4, lw=1.2, label=g)
+        m = df.drop_duplicates("n").sort_values("n")
+        rate(axes[0], m["n"].to_numpy(), m["nc_mle"].to_numpy(), color="black", ls="--", marker="D",
+             label="BT-MLE (separation)")
+        axes[1].plot(m["n"], m["bias_mle_sd"], color="black", ls="--", marker="D", ms=4, label="BT-MLE")
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("share of fits without a finite minimiser")
+        axes[1].set_ylabel("|mean theta_hat - theta*| / sqrt(tr Cov)  (kept fits)")
+        axes[2].set_ylabel("selection shift of the MLE twins (SD units)")
+        axes[2].set_yscale("log")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xticks(list(cfg.ns), [str(v) for v in cfg.ns])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled pairs n")
+        axes[0].set_title("(a) VR at lam = 1: no finite minimiser", fontsize=10)
+        axes[1].set_title("(b) bias of the kept fits", fontsize=10)
+        axes[2].set_title("(c) bias from leaving fits out", fontsize=10)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"The finite-sample side of lam = 1 ({cfg.scenario}, M = {cfg.M}, {cfg.reps} replications per n)",
+                     fontsize=11)
+        fig.tight_layout()
+        paths = save_figure(fig, fs.out_dir / "F7_lam1_finite_sample", formats)
+    cap = (f"VR at lam = 1 in `{cfg.scenario}` (seed {cfg.spec.seed}, scale {cfg.spec.scale:g}, M = {cfg.M}) for "
+           f"auxiliary models from best to worst, {cfg.reps} replications per n (every g on the same data). (a) Share "
+           "of fits flagged converged = False (objective unbounded below), with 95% Wilson intervals; open markers "
+           f"at the bottom: none observed (95% upper bound {wilson(0, cfg.reps)[1]:.1%}). Dashed: the BT-MLE's "
+           "separation rate on the same samples. (b) Bias of the "
+           "fits that are kept, |mean theta_hat - theta*| (noise of the mean removed) in units of sqrt(tr Cov), "
+           "dashed: the MLE on the same samples. (c) What leaving fits out does by "
+           "itself: the shift of the MLE twins' mean when the replications whose VR fit failed are dropped, in units "
+           "of the MLE's SD (no point: nothing dropped). Study `lam1` (analysis/finite_sample.py).")
+    return paths, cap
+
+
 FIGURES = [
     ("F1", "Regret vs n", fig_regret_vs_n, ("main",)),
     ("F2", "Variance ratio vs misspecification strength", fig_ratio_vs_kappa, ("kappa",)),
@@ -424,10 +539,53 @@ FIGURES = [
     ("F4", "Extra pairs M and fresh prompts", fig_M_effect, ("M*",)),
     ("F5", "Win rates under p*", fig_win_rate, ("main",)),
     ("F6", "Interval coverage", fig_coverage, ("main",)),
+    ("F7", "The finite-sample side of lam = 1", fig_lam1_finite_sample, ()),
 ]
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def m_sweeps_diagnosis(fs: FigureSet) -> dict | None:
+    """Why the F4 points sit together on one side of the theory, computed from the replications.
+
+    The ``M<M>-*`` sweeps share seed, bandit and scenario, so they draw the *same labelled data*
+    (``analysis.compare.shared_data_groups``): their MLE rows are one sample, and their VR fits
+    share the labelled part of the score. Returns the MLE's ``z`` (n tr Cov vs tr V), each VR
+    cell's ``z``, and the median correlation of the VR cells' per-replication squared errors
+    across M (and with the MLE's), per prompt design.
+    """
+    from sim.summary import theta_cols
+    from vrpo_common.stats import sq_dev
+
+    names = [k for k in fs.tables if k.startswith("M") and k[1:].split("-")[0].isdigit()]
+    if not names:
+        return None
+    out = {"designs": {}}
+    mle_z = None
+    for design in ("same", "fresh"):
+        cells = sorted([k for k in names if k.endswith("-" + design)], key=lambda k: int(k[1:].split("-")[0]))
+        if not cells:
+            continue
+        D, zs = [], []
+        for k in cells:
+            df, tab = fs.frames[k], fs.tables[k]
+            tc = theta_cols(df)
+            vr = df[(df["method"] == "vr")].sort_values("rep")
+            D.append(sq_dev(vr[tc].to_numpy()))
+            zs.append(float(tab[tab["method"] == "vr"]["z_cov"].iloc[0]))
+            mle = df[df["method"] == "mle"].sort_values("rep")
+            Dm = sq_dev(mle[tc].to_numpy())
+            mle_z = float(tab[tab["method"] == "mle"]["z_cov"].iloc[0])
+        C = np.corrcoef(np.stack(D))
+        off = C[np.triu_indices(len(D), 1)]
+        out["designs"][design] = {
+            "M": [int(k[1:].split("-")[0]) for k in cells], "vr_z": zs,
+            "corr_vr_median": float(np.median(off)) if off.size else float("nan"),
+            "corr_vr_mle_median": float(np.median([np.corrcoef(d, Dm)[0, 1] for d in D])),
+        }
+    out["mle_z"] = mle_z
+    return out
 
 
 def _win_star(cfg: ExperimentConfig, meta: dict) -> dict:
@@ -460,7 +618,7 @@ def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: in
 
     out_dir = Path(out_dir)
     cache = out_dir / "cache"
-    n_ctx = n_ctx or (2000 if smoke else 20000)
+    n_ctx = n_ctx or (2000 if smoke else THEORY_CTX)
     cfgs = figure_sweeps(smoke, cache, n_jobs, progress)
     figs = [f for f in FIGURES if only is None or f[0] in only]
     need = set()
@@ -479,6 +637,7 @@ def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: in
         cached.append(hit)
         fs.timings[f"sweep:{name}"] = time.time() - ts
         fs.metas[name] = meta
+        fs.frames[name] = df
         fs.summaries[name] = summarize(df)
         ts = time.time()
         th, G_eval = sweep_theories(cfg, meta, n_ctx=n_ctx, n_batches=20, cache_dir=cache / "theory")
@@ -486,11 +645,28 @@ def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: in
         fs.tables[name] = compare_table(df, cfg, th, G_eval)
         fs.timings[f"theory:{name}"] = time.time() - ts
         if name == "gquality":
-            fs.data["self_maxdiff"] = _self_maxdiff(df)
             auto = df[(df["g"] == "self") & (df["method"] == "vr-auto")]["lam"]
             fs.data["self_auto_lam"] = float(auto.mean()) if len(auto) else None
         if name == "main":
             fs.data["win_star"] = _win_star(cfg, meta)
+    if only is None or "F7" in only:
+        from .finite_sample import Lam1Config, lam1_cached
+
+        ts = time.time()
+        lcfg = Lam1Config(reps=1000 if not smoke else 60, ns=(25, 50, 100, 200, 400) if not smoke else (25, 100),
+                          gs=Lam1Config.gs if not smoke else ("oracle", "noisy:4.0", "constant"),
+                          n_pop=40000 if not smoke else 4000)
+        fs.data["lam1"], hit = lam1_cached(lcfg, cache / "lam1.parquet", fresh=fresh, progress=progress)
+        fs.data["lam1_config"] = lcfg
+        cached.append(hit)
+        fs.timings["study:lam1"] = time.time() - ts
+    # VR with the self g equals the MLE: checked from theta = 0 by an independent solver (not from the MLE)
+    from .validate import self_g_identity
+
+    ts = time.time()
+    fs.data["self_g"] = self_g_identity(reps=5 if smoke else 20)
+    fs.timings["self_g"] = time.time() - ts
+    fs.data["m_diagnosis"] = m_sweeps_diagnosis(fs)
     fs.timings["sweeps_and_theory"] = time.time() - t0
     fs.data["all_cached"] = all(cached)
     ts = time.time()
@@ -500,17 +676,3 @@ def build_figure_set(out_dir="paper_figures", *, smoke: bool = False, n_jobs: in
     fs.timings["figures"] = time.time() - ts
     fs.timings["total"] = time.time() - t0
     return fs
-
-
-def _self_maxdiff(df: pd.DataFrame) -> float | None:
-    """``max |theta_VR(self g) - theta_MLE|`` over replications and coordinates (0 up to solver tolerance)."""
-    from sim.summary import theta_cols
-
-    tc = theta_cols(df)
-    a = df[(df["g"] == "self") & (df["method"] == "vr")]
-    b = df[df["method"] == "mle"]
-    if a.empty or b.empty:
-        return None
-    a = a.set_index(["scenario", "n", "rep"])[tc]
-    b = b.set_index(["scenario", "n", "rep"])[tc].loc[a.index]
-    return float(np.max(np.abs(a.to_numpy() - b.to_numpy())))

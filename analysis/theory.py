@@ -35,6 +35,7 @@ the first :data:`LEARNED_CTX` contexts; cross-fitting does not change the limit)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zlib
@@ -59,7 +60,7 @@ __all__ = ["PopulationTheory", "population_theory", "policy_G", "aux_limit", "ME
 
 GH_NODES = 40  # Gauss-Hermite nodes for the noisy annotator's logit noise
 LEARNED_CTX = 3000  # contexts used to fit the limiting 'learned' g
-THEORY_VERSION = 1
+THEORY_VERSION = 2
 _STREAM_THEORY = 0x7E0
 
 
@@ -144,13 +145,14 @@ def _learned_limit(aux, scenario, ctx: Contexts):
 # --------------------------------------------------------------------------- moments
 
 
-_MOMENTS = ("H", "Eaa", "ma", "Eab", "mu_cross", "Euu", "muu", "mu", "G", "count")
+_MOMENTS = ("H", "Eaa", "ma", "Eab", "mu_cross", "Euu", "muu", "mu", "G", "G_ref", "count")
 
 
-def _batch_moments(theta, X, P, W, Vz, gbar, vg, pi_star, phi):
+def _batch_moments(theta, X, P, W, Vz, gbar, vg, pi_star, phi, pi_ref=None):
     """Sums over the contexts of one batch of the population moments (module docstring).
 
-    ``X (C, K, K, d)``, ``P, W, Vz, gbar, vg (C, K, K)``, ``pi_star (C, K)``, ``phi (C, K, d)``.
+    ``X (C, K, K, d)``, ``P, W, Vz, gbar, vg (C, K, K)``, ``pi_star, pi_ref (C, K)``,
+    ``phi (C, K, d)``. ``G_ref`` (``G`` under ``pi_ref``) is kept for the mutation tests.
     """
     C, K, _, d = X.shape
     Xr = X.reshape(C, K * K, d)  # (C, K^2, d)
@@ -173,28 +175,35 @@ def _batch_moments(theta, X, P, W, Vz, gbar, vg, pi_star, phi):
         "muu": mu_u.T @ mu_u,
         "mu": mu_u.sum(axis=0),
         "G": _policy_G_sum(pi_star, phi),
+        "G_ref": _policy_G_sum(np.broadcast_to(1.0 / K, (C, K)) if pi_ref is None else pi_ref, phi),
         "count": float(C),
     }
 
 
-def _parts_from_moments(mom: dict, M: int, aux_prompts: str):
-    """``(VarianceParts(n=1), G)`` from (possibly stacked) moment sums."""
+def _parts_from_moments(mom: dict, M: int, aux_prompts: str, aux_factor: float | None = None, G_key: str = "G"):
+    """``(VarianceParts(n=1), G)`` from (possibly stacked) moment sums.
+
+    ``aux_factor``: the factor of the extra pairs' covariance in ``S2``; ``1 + 1/M`` (the
+    labelled pair's own correction plus the mean of ``M`` extra pairs) unless a mutation
+    test overrides it. ``G_key``: ``"G"`` (under ``pi_theta*``) or ``"G_ref"``.
+    """
     c = np.asarray(mom["count"], dtype=float)
     cm, cv = c[..., None, None], c[..., None]
-    E = {k: mom[k] / (cm if np.ndim(mom[k]) == np.ndim(c) + 2 else cv) for k in _MOMENTS if k != "count"}
+    E = {k: mom[k] / (cm if np.ndim(mom[k]) == np.ndim(c) + 2 else cv) for k in _MOMENTS if k != "count" and k in mom}
     outer = lambda u, v: u[..., :, None] * v[..., None, :]  # noqa: E731
     sym = lambda S: S + np.swapaxes(S, -1, -2)  # noqa: E731
+    f = 1.0 + 1.0 / M if aux_factor is None else float(aux_factor)
     S0 = E["Eaa"] - outer(E["ma"], E["ma"])
     if aux_prompts == "same":
         S1 = sym(-E["Eab"] + E["mu_cross"])
-        S2 = (1.0 + 1.0 / M) * (E["Euu"] - E["muu"])
+        S2 = f * (E["Euu"] - E["muu"])
     elif aux_prompts == "fresh":
         S1 = sym(-E["Eab"] + outer(E["ma"], E["mu"]))
-        S2 = (1.0 + 1.0 / M) * (E["Euu"] - outer(E["mu"], E["mu"]))
+        S2 = f * (E["Euu"] - outer(E["mu"], E["mu"]))
     else:
         raise ValueError(f"aux_prompts must be 'same' or 'fresh', got {aux_prompts!r}")
     A = np.linalg.inv(E["H"])
-    return VarianceParts(A=A, S0=S0, S1=S1, S2=S2, n=1), E["G"]
+    return VarianceParts(A=A, S0=S0, S1=S1, S2=S2, n=1), E[G_key]
 
 
 # --------------------------------------------------------------------------- result
@@ -225,6 +234,27 @@ class PopulationTheory:
     G_jack: np.ndarray
     n_ctx: int
     n_batches: int
+    moments: dict | None = None  # moment sums over the context sample (for variants)
+    moments_jack: dict | None = None  # delete-one-batch sums, leading axis n_batches
+
+    # -- variants (mutation tests, the other prompt design)
+    def variant(self, *, aux_prompts: str | None = None, M: int | None = None, aux_factor: float | None = None,
+                G: str = "G", label: str | None = None) -> "PopulationTheory":
+        """The theory of another design, or a deliberately wrong one, from the same moments.
+
+        ``aux_prompts``/``M``: another prompt design or number of extra pairs;
+        ``aux_factor``: override the ``1 + 1/M`` factor of ``S2``; ``G``: ``"G"`` or
+        ``"G_ref"`` (``G`` under ``pi_ref``). Needs :attr:`moments` (computed since
+        ``THEORY_VERSION = 2``).
+        """
+        if self.moments is None or self.moments_jack is None:
+            raise ValueError("this PopulationTheory carries no moments (cached before THEORY_VERSION 2); recompute it")
+        ap = self.aux_prompts if aux_prompts is None else aux_prompts
+        M = self.M if M is None else int(M)
+        parts, G_ = _parts_from_moments(self.moments, M, ap, aux_factor, G)
+        jack, G_jack = _parts_from_moments(self.moments_jack, M, ap, aux_factor, G)
+        return dataclasses.replace(self, aux_prompts=ap, M=M, parts=parts, G=G_, jack=jack, G_jack=G_jack,
+                                   g=self.g if label is None else label)
 
     # -- named quantities
     @property
@@ -307,20 +337,28 @@ class PopulationTheory:
         def pd_(P):
             return {k: np.asarray(getattr(P, k)).tolist() for k in ("A", "S0", "S1", "S2")}
 
+        def md(m):
+            return None if m is None else {k: np.asarray(v).tolist() for k, v in m.items()}
+
         return {"scenario": self.scenario, "g": self.g, "M": self.M, "aux_prompts": self.aux_prompts,
                 "beta": self.beta, "theta_star": self.theta_star.tolist(), "theta_star_se": self.theta_star_se.tolist(),
                 "parts": pd_(self.parts), "G": self.G.tolist(), "jack": pd_(self.jack), "G_jack": self.G_jack.tolist(),
-                "n_ctx": self.n_ctx, "n_batches": self.n_batches}
+                "n_ctx": self.n_ctx, "n_batches": self.n_batches, "moments": md(self.moments),
+                "moments_jack": md(self.moments_jack)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PopulationTheory":
         def vp(x):
             return VarianceParts(**{k: np.asarray(x[k]) for k in ("A", "S0", "S1", "S2")}, n=1)
 
+        def md(m):
+            return None if m is None else {k: np.asarray(v) for k, v in m.items()}
+
         return cls(scenario=d["scenario"], g=d["g"], M=int(d["M"]), aux_prompts=d["aux_prompts"], beta=d["beta"],
                    theta_star=np.asarray(d["theta_star"]), theta_star_se=np.asarray(d["theta_star_se"]),
                    parts=vp(d["parts"]), G=np.asarray(d["G"]), jack=vp(d["jack"]), G_jack=np.asarray(d["G_jack"]),
-                   n_ctx=int(d["n_ctx"]), n_batches=int(d["n_batches"]))
+                   n_ctx=int(d["n_ctx"]), n_batches=int(d["n_batches"]), moments=md(d.get("moments")),
+                   moments_jack=md(d.get("moments_jack")))
 
 
 # --------------------------------------------------------------------------- driver
@@ -367,7 +405,7 @@ def population_theory(spec: BanditSpec, scenario: str, g: str | list[str], M: in
         pi_star = np.exp(log_policy_linear(th[None], cb.phi, cb.log_pi_ref, spec.beta)[0])
         for gs_ in gs:
             gbar, vg = aux_limit(gs_, scen, th, cb, P, state)
-            per_g[gs_].append(_batch_moments(th, X, P, W, Vz, gbar, vg, pi_star, cb.phi))
+            per_g[gs_].append(_batch_moments(th, X, P, W, Vz, gbar, vg, pi_star, cb.phi, cb.pi_ref))
     out = []
     for gs_ in gs:
         mom = {k: np.stack([m[k] for m in per_g[gs_]]) for k in _MOMENTS}  # (B, ...)
@@ -377,7 +415,8 @@ def population_theory(spec: BanditSpec, scenario: str, g: str | list[str], M: in
         jack, G_jack = _parts_from_moments(loo, M, aux_prompts)
         out.append(PopulationTheory(scenario=scenario, g=gs_, M=M, aux_prompts=aux_prompts, beta=spec.beta,
                                     theta_star=np.asarray(th), theta_star_se=np.asarray(th_se), parts=parts, G=G,
-                                    jack=jack, G_jack=G_jack, n_ctx=n_ctx, n_batches=n_batches))
+                                    jack=jack, G_jack=G_jack, n_ctx=n_ctx, n_batches=n_batches, moments=total,
+                                    moments_jack=loo))
     return out[0] if isinstance(g, str) else out
 
 

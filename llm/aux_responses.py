@@ -1,9 +1,6 @@
-"""Extra responses ``a_1, a_2 ~ pi_ref(.|x)`` for every training prompt, generated once and cached.
-
-The cache file (JSON, written atomically) is keyed by the sampling settings, the
-``pi_ref`` model fingerprint and the prompts, so DPO, VRPO and every rerun reuse
-the same samples, and a changed ``pi_ref`` or setting regenerates them.
-"""
+"""Extra responses ``a_1, a_2 ~ pi_ref(.|x)`` for every training prompt, generated once and cached
+(JSON keyed by the sampling settings, a ``pi_ref`` fingerprint and the prompts: reruns reuse the
+samples, a changed ``pi_ref`` or setting regenerates them)."""
 
 from __future__ import annotations
 
@@ -48,10 +45,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
-        if self.max_new_tokens < 1 or self.max_prompt_tokens < 1 or self.batch_size < 1 or self.top_k < 0:
-            raise ValueError("max_new_tokens, max_prompt_tokens, batch_size must be >= 1, top_k >= 0")
+        if not (self.temperature > 0 and min(self.max_new_tokens, self.max_prompt_tokens, self.batch_size) >= 1
+                and self.top_k >= 0):
+            raise ValueError(f"sampling needs temperature > 0, max_new_tokens, max_prompt_tokens, batch_size >= 1 "
+                             f"and top_k >= 0; got {self}")
 
 
 @torch.no_grad()
@@ -103,8 +100,7 @@ def aux_responses(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
     Responses follow the data convention of :mod:`llm.data` (``prompt + " " + response``
     is the transcript): one leading space of the decoded continuation is dropped.
     """
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"aux-{_key(model, prompts, 2, cfg)}.json"
+    path = Path(cache_dir) / f"aux-{_key(model, prompts, 2, cfg)}.json"
     if path.exists():
         blob = json.loads(path.read_text())
         return blob["a_1"], blob["a_2"]

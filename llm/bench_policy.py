@@ -1,17 +1,16 @@
 """Cost of VRPOTrainer against trl.DPOTrainer: step time and peak memory, same model and batch.
 
 Variants (each in a fresh subprocess, so its peak memory is its own; fp32, no gradient
-checkpointing, reference log-probs precomputed): ``trl-dpo`` (``trl.DPOTrainer``;
-``trl-dpo-refmodel``: with its default reference forward per step), ``dpo-naive`` /
-``dpo-shared`` (VRPOTrainer, ``lam = 0``; one row per response / the prompt encoded once: the
-suite's fastest DPO), ``vrpo-naive`` / ``vrpo-shared`` (``lam = 1``, one extra pair).
-A word-level tokenizer (one word, one token) gives every variant the same token ids; lengths
-are drawn once (seeded), prompts ~3x responses as in HH. A step is a whole Trainer iteration
-(collation, forward, loss, backward, clipping, AdamW, logging every 10 steps): the time between
-``on_step_end`` callbacks. Variants run in interleaved rounds; the headline is the minimum over
-timed steps and rounds (load only slows a step down), with the median of the rounds' medians.
-Peak memory: max allocated on GPU; on CPU the peak RSS (sampled each millisecond) minus the RSS
-at the start of training. ``vrpo policy-bench`` prints the ratios and writes them to JSON.
+checkpointing, reference log-probs precomputed): ``trl-dpo`` (``trl.DPOTrainer``; ``-refmodel``:
+its default reference forward per step), ``dpo-naive`` / ``dpo-shared`` (VRPOTrainer, ``lam = 0``;
+one row per response / the prompt encoded once), ``vrpo-naive`` / ``vrpo-shared`` (``lam = 1``, one
+extra pair). A word-level tokenizer gives every variant the same token ids (lengths drawn once,
+prompts ~3x responses as in HH). A step is a whole Trainer iteration (collation, forward, loss,
+backward, clipping, AdamW, logging every 10 steps) between ``on_step_end`` callbacks. Variants run
+in interleaved rounds; the headline is the minimum over steps and rounds (load only slows a step
+down), with the median of the rounds' medians and the median process CPU time.
+Peak memory: max allocated on GPU; on CPU the growth of the process's peak RSS from the start
+of training (the reference precompute before it needs far less). ``vrpo policy-bench`` prints the ratios and writes them to JSON.
 Speed is measured here, never asserted in tests.
 """
 
@@ -22,8 +21,8 @@ import json
 import os
 import statistics
 import subprocess
+import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -57,29 +56,20 @@ def _data(s: dict, n: int) -> dict:
 
 
 def _meter(device: str):
-    """A callback recording step times (wall, process CPU) at ``on_step_end`` and peak memory growth."""
-    import psutil
+    """A callback recording step times (wall, process CPU) at ``on_step_end`` and the peak memory growth."""
     import torch
     from transformers import TrainerCallback
 
-    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731
+    peak = (lambda: torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else \
+        (lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # noqa: E731  Linux: KiB
 
     class Meter(TrainerCallback):
-        times, cpu, peak, base, done = [], [], 0.0, 0.0, threading.Event()
+        times, cpu = [], []
 
         def on_train_begin(self, *a, **k):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-                self.base = torch.cuda.memory_allocated() / 2**20
-            else:  # sample the RSS every millisecond in a thread
-                self.base = self.peak = rss()
-                threading.Thread(target=self._sample, daemon=True).start()
-            self.last = (time.perf_counter(), time.process_time())
-
-        def _sample(self):
-            while not self.done.is_set():
-                self.peak = max(self.peak, rss())
-                time.sleep(0.001)
+            self.base, self.last = peak(), (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a, **k):
             now = (time.perf_counter(), time.process_time())
@@ -88,8 +78,7 @@ def _meter(device: str):
             self.last = now
 
         def peak_growth_mb(self) -> float:
-            self.done.set()
-            return (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else self.peak) - self.base
+            return peak() - self.base
 
     return Meter()
 

@@ -212,18 +212,30 @@ def embed_pairs(prompts, responses_0, responses_1, cache_dir=None, batch_size: i
     """Embeddings of a table of pairs: ``(e_prompt, e_0, e_1)``, each ``(n, 384)``.
 
     Prompts go through :func:`prompt_tail` (their last 254 word pieces) and are
-    encoded in one cached call; the two response columns in another.
+    encoded in one cached call; the two response columns in another. With
+    ``progress``, one line on stderr says how much text the encoder does not see:
+    how many prompts were cut to their tail and how many responses exceed the
+    window (:func:`n_truncated`) and lose their end.
     """
     prompts, r0, r1 = list(prompts), list(responses_0), list(responses_1)
     if not (len(prompts) == len(r0) == len(r1)):
         raise ValueError(f"need equal lengths, got {len(prompts)}, {len(r0)}, {len(r1)}")
     n = len(prompts)
-    e_x = embed_texts(prompt_tail(prompts), cache_dir, batch_size, progress, desc="prompts")
+    tails = prompt_tail(prompts)
+    if progress:
+        n_cut = sum(t != p.strip() for t, p in zip(tails, prompts))
+        print(f"embedding {n} pairs: {n_cut} of {n} prompts exceed {MAX_SEQ_LENGTH - 2} word pieces and are encoded "
+              f"from their end; {n_truncated(r0 + r1)} of {2 * n} responses exceed it and lose their end",
+              file=sys.stderr, flush=True)
+    e_x = embed_texts(tails, cache_dir, batch_size, progress, desc="prompts")
     e_r = embed_texts(r0 + r1, cache_dir, batch_size, progress, desc="responses")
     return e_x, e_r[:n], e_r[n:]
 
 
 def n_truncated(texts, max_tokens: int = MAX_SEQ_LENGTH - 2) -> int:
-    """How many texts exceed the encoder's window (would be cut)."""
-    tok = load_tokenizer()
-    return int(sum(len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]) > max_tokens for t in texts))
+    """How many texts have more than ``max_tokens`` word pieces (the encoder cuts them at their end)."""
+    texts = list(texts)
+    if not texts:
+        return 0
+    ids = load_tokenizer()(texts, add_special_tokens=False, verbose=False)["input_ids"]  # one batched call
+    return int(sum(len(x) > max_tokens for x in ids))

@@ -93,6 +93,9 @@ class HHRewardConfig:
     k_folds: int = 5
     learned_ridge: float = 1e-3
     max_pairs: int | None = None
+    bias_n: int = 800
+    bias_N: tuple[int, ...] = (500, 2000, 8000, 32000)
+    bias_reps: int = 400
     seed: int = 0
     on_error: str = "skip"
     cache_dir: str | None = None
@@ -126,6 +129,11 @@ class HHRewardConfig:
                 bad("the training folds of the smallest n are smaller than d + 1 features")
         if self.reps < 20:
             bad(f"reps must be >= 20 to estimate a variance; got {self.reps}")
+        bN = tuple(int(v) for v in self.bias_N)
+        object.__setattr__(self, "bias_N", bN)
+        if bN and (sorted(set(bN)) != list(bN) or bN[0] < 1 or self.bias_n < 2 * self.d or self.bias_reps < 20):
+            bad(f"bias_N must be increasing sizes >= 1 (empty: no bias study), bias_n >= 2 d and bias_reps >= 20; "
+                f"got bias_N={self.bias_N}, bias_n={self.bias_n}, bias_reps={self.bias_reps}")
         if self.n_aux < 1:
             bad(f"n_aux must be >= 1; got {self.n_aux}")
         if not 0.0 < self.heldout_frac < 1.0:
@@ -164,7 +172,7 @@ class HHRewardConfig:
 def smoke_config(**overrides) -> HHRewardConfig:
     """A short version for tests: one cell (first 400 harmless-base pairs), two small n, 40 reps."""
     base = dict(objectives=("harmless",), subsets=("harmless",), ns=(40, 80), reps=40, n_aux=200, d=4,
-                max_pairs=400, progress=False)
+                max_pairs=400, bias_n=80, bias_N=(100, 400), bias_reps=40, progress=False)
     base.update(overrides)
     return HHRewardConfig(**base)
 
@@ -302,6 +310,7 @@ def _row(s, base, meta):
     diverged = int((~s["conv"]).sum())
     if R < 3:
         return dict(meta, reps_used=R, diverged=diverged)
+    base_all = base
     s = {k: v[ok] for k, v in s.items()}
     base = {k: v[ok] for k, v in base.items()}
     q, q0 = sq_dev(s["theta"]), sq_dev(base["theta"])
@@ -322,7 +331,26 @@ def _row(s, base, meta):
         logloss_diff=m(s["logloss"] - base["logloss"]), logloss_diff_se=se(s["logloss"] - base["logloss"]),
         lam_mean=m(s["lam"]), lam_sd=float(np.std(s["lam"])),
         bias_z=_bias_z(s["theta"], s["theta_star"][0]),
+        bias_norm=float(np.linalg.norm(s["theta"].mean(axis=0) - s["theta_star"][0])),
+        bias_vec=(s["theta"].mean(axis=0) - s["theta_star"][0]).tolist(),
+        bias_se_vec=(np.std(s["theta"], axis=0, ddof=1) / math.sqrt(R)).tolist(),
+        selection_z=_selection_z(base_all, ok),
     )
+
+
+def _selection_z(base_all, ok):
+    """How far leaving out a method's non-converged replications moves the *MLE* twins' mean:
+    largest ``|mean(MLE | kept) - mean(MLE | all converged MLE fits)| / SE`` over coordinates
+    (``SE = sd sqrt(1/kept - 1/all)`` for nested sets). NaN when nothing was left out."""
+    allc = base_all["conv"]
+    keep = ok & allc
+    k, a = int(keep.sum()), int(allc.sum())
+    if k == a or k < 3:
+        return float("nan")
+    th = base_all["theta"]
+    sd = np.std(th[allc], axis=0, ddof=1)
+    diff = th[keep].mean(axis=0) - th[allc].mean(axis=0)
+    return float(np.max(np.abs(diff) / (sd * math.sqrt(1.0 / k - 1.0 / a))))
 
 
 def _bias_z(theta, theta_star):
@@ -355,7 +383,8 @@ def split_cell(cfg: HHRewardConfig, cell: CellData):
 
 
 def run_cell(cfg: HHRewardConfig, cell: CellData, pbar=None) -> tuple[list[dict], dict]:
-    """All ``n``, ``g`` and methods on one cell. Returns ``(rows, cell_info)``."""
+    """All ``n``, ``g`` and methods on one cell, then the bias study. Returns ``(rows, cell_info)``;
+    ``cell_info["bias_study"]`` holds the rows of :func:`bias_study`."""
     Xp, Zp, Lp, Xh, Zh, Lh, _ = split_cell(cfg, cell)
     P, d = Xp.shape
     theta_star = fit_bt(Xp, Zp, lam=0).theta  # (d,) the estimand: BT projection of the pool
@@ -407,7 +436,42 @@ def run_cell(cfg: HHRewardConfig, cell: CellData, pbar=None) -> tuple[list[dict]
         for r in rows:
             if r["n"] == n:
                 r["convergence_warnings"] = n_warn
+    info["bias_study"] = bias_study(cfg, cell, Xp, Zp, Lp, theta_star) if cfg.bias_N else []
     return rows, info
+
+
+def bias_study(cfg: HHRewardConfig, cell: CellData, Xp, Zp, Lp, theta_star) -> list[dict]:
+    """Finite-sample bias of VR (``lam = 1``, GPT-3.5 label) and of the MLE at ``n = cfg.bias_n``
+    as the number ``N`` of auxiliary pairs grows (``cfg.bias_N``), ``cfg.bias_reps`` draws each.
+
+    At ``lam = 1`` the auxiliary part of VR is a BT fit to ``N`` pairs with hard 0/1 labels; its
+    ``O(1/N)`` bias does not shrink with ``n``. Rows: ``{cell, n, N, method, bias_norm,
+    bias_norm_se, bias_z, sd_norm, reps_used, nonconverged}`` (``bias_norm = |mean theta_hat -
+    theta*|``, ``sd_norm = sqrt(tr Cov)``, ``bias_z`` the largest standardised coordinate gap).
+    """
+    P = len(Zp)
+    n, R = cfg.bias_n, cfg.bias_reps
+    rows = []
+    for N in cfg.bias_N:
+        rng = _cell_seed(cfg, cell, 2, n, N)
+        lab = rng.integers(P, size=(R, n))
+        aux = rng.integers(P, size=(R, N))
+        X, Z, L = Xp[lab], Zp[lab], Lp[lab]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits = {"mle": fit_bt(X, Z, lam=0), "vr": fit_bt(X, Z, L, Xp[aux], Lp[aux], lam=1.0)}
+        for method, f in fits.items():
+            ok = np.asarray(f.converged, bool)
+            th = f.theta[ok]
+            b = th.mean(axis=0) - theta_star
+            se = th.std(axis=0, ddof=1) / math.sqrt(len(th))
+            nb = float(np.linalg.norm(b))
+            rows.append(dict(cell=cell.name, n=n, N=N, method=method, bias_norm=nb, bias_vec=b.tolist(),
+                             bias_se_vec=se.tolist(),
+                             bias_norm_se=float(np.sqrt(np.sum((b / max(nb, 1e-300)) ** 2 * se**2))),
+                             bias_z=float(np.max(np.abs(b) / se)), sd_norm=float(np.sqrt(np.sum(se**2) * len(th))),
+                             reps_used=int(ok.sum()), nonconverged=int((~ok).sum())))
+    return rows
 
 
 # --------------------------------------------------------------------------- agreement

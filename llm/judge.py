@@ -1,18 +1,11 @@
 """Linear Bradley-Terry preference models on text features: the demo's ``g`` and its judge.
 
-:class:`LinearPreferenceModel` fits ``r(x, y) = w . phi(x, y)`` by logistic regression
-on feature differences ``phi(x, y1) - phi(x, y2)`` (each pair in both orders, no
-intercept, so ``P(a > b) = 1 - P(b > a)`` exactly), with the L2 strength chosen by
-cross-validation on its own training split. Two feature maps:
-
-- :class:`MiniLMFeatures` (the judge): frozen all-MiniLM-L6-v2 embeddings,
-  ``phi = [e(y), e(x) * e(y)]`` (:func:`llm.features.reward_features`);
-- :class:`TfidfFeatures` (``g``): word 1-2-gram TF-IDF of the response, fitted on
-  ``g``'s own split; a different feature family, so ``g`` and the judge do not share
-  a representation.
-
-An instance is callable as ``model(prompts, a, b) -> P(a > b)``, the ``g_model``
-of :class:`llm.vrpo_trainer.VRPOTrainer` (``g_source="model"``).
+:class:`LinearPreferenceModel` fits ``r(x, y) = w . phi(x, y)`` by logistic regression on
+``phi(x, y1) - phi(x, y2)`` (both orders, no intercept, so ``P(a > b) = 1 - P(b > a)``), the L2
+strength chosen by cross-validation. Features: :class:`MiniLMFeatures` (the judge; frozen MiniLM
+embeddings ``[e(y), e(x) * e(y)]``), :class:`TfidfFeatures` (``g``; response TF-IDF, another
+feature family). A fitted model is callable as ``model(prompts, a, b) -> P(a > b)``, the
+``g_model`` of :class:`llm.vrpo_trainer.VRPOTrainer`.
 """
 
 from __future__ import annotations
@@ -70,9 +63,7 @@ class LinearPreferenceModel:
 
     def __init__(self, features, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0), seed: int = 0):
         self.features, self.Cs, self.seed = features, tuple(Cs), seed
-        self.w = None
-        self.C = None
-        self.cv_accuracy = None
+        self.w = self.C = self.cv_accuracy = None
 
     def fit(self, prompts, chosen, rejected) -> "LinearPreferenceModel":
         from scipy import sparse
@@ -83,10 +74,7 @@ class LinearPreferenceModel:
         diff = self.features(prompts, chosen) - self.features(prompts, rejected)  # (n, d)
         X = sparse.vstack([diff, -diff]) if sparse.issparse(diff) else np.vstack([diff, -diff])
         y = np.r_[np.ones(len(prompts)), np.zeros(len(prompts))]
-        n = len(prompts)
-        folds = np.arange(n) % 5  # both orders of a pair in the same fold
-        rng = np.random.default_rng(self.seed)
-        folds = rng.permutation(folds)
+        folds = np.random.default_rng(self.seed).permutation(np.arange(len(prompts)) % 5)  # both orders: one fold
         cv = [(np.where(np.r_[folds, folds] != k)[0], np.where(np.r_[folds, folds] == k)[0]) for k in range(5)]
         clf = LogisticRegressionCV(Cs=list(self.Cs), cv=cv, fit_intercept=False, max_iter=2000, scoring="accuracy")
         clf.fit(X, y)

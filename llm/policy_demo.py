@@ -1,17 +1,13 @@
 """Offline DPO vs VRPO demo on HH-RLHF with a small GPT-2 trained from scratch (``vrpo policy-demo``).
 
-No pretrained LM weights are reachable here, so the tokenizer and ``pi_ref`` are trained on HH text
-(``trl.SFTTrainer`` on prompt + chosen of the train split). Disjoint seeded splits of the HH
-harmless-base pairs: ``train`` (SFT text; DPO/VRPO pairs; prompts for ``a_1, a_2 ~ pi_ref``),
-``g`` (a BT model on TF-IDF response features, :mod:`llm.judge`), ``judge`` (a BT model on frozen
-MiniLM embeddings: other features, other labels), ``eval`` (held-out pairs: implicit-reward
-accuracy; prompts for judged generations). DPO (``lam = 0``) and VRPO (``lam = cfg.lam``, ``g`` from
-the g model on both pairs) are two :class:`llm.vrpo_trainer.VRPOTrainer` runs from the same
-``pi_ref``, seed, data order and budget. The gradient-variance probe measures, at fixed parameters
-(``pi_ref`` and each trained policy), the trace of the covariance of minibatch gradients of both
-objectives. Caches under ``cfg.cache_dir`` (tokenizer, ``pi_ref`` as safetensors, samples,
-embeddings), TRL checkpoints under ``cfg.results_dir`` (a rerun resumes or reuses them); results
-(JSON with the resolved config), figure and report fragment are generated from the run.
+Tokenizer and ``pi_ref`` are trained on HH text (``trl.SFTTrainer``; no pretrained weights are
+reachable here). Disjoint seeded splits: ``train`` (SFT text, DPO/VRPO pairs, prompts for
+``a_1, a_2 ~ pi_ref``), ``g`` (BT on TF-IDF response features), ``judge`` (BT on MiniLM embeddings),
+``eval`` (held-out accuracy, prompts for judged generations). DPO and VRPO are two
+:class:`llm.vrpo_trainer.VRPOTrainer` runs from the same ``pi_ref``, seed, data order and budget;
+the gradient-variance probe compares both objectives at fixed parameters. Caches (``pi_ref`` as
+safetensors, samples, embeddings) in ``cfg.cache_dir``, TRL checkpoints in ``cfg.results_dir``
+(reruns resume or reuse them); results, figure and fragment are generated from the run.
 """
 
 from __future__ import annotations
@@ -66,7 +62,7 @@ class DemoConfig:
     max_new_tokens: int = 48
     # DPO / VRPO
     beta: float = 0.1
-    lam: float = 1.0
+    lam: float | str = 1.0  # or "auto" (power-tuned online)
     lr: float = 3e-4
     batch_size: int = 16
     grad_accum: int = 1
@@ -84,6 +80,7 @@ class DemoConfig:
     smoke: bool = False
 
     def __post_init__(self):
+        self.lam = self.lam if self.lam == "auto" else float(self.lam)  # "0.5" from the command line
         if not self.data_path:
             self.data_path = str(default_data_path())
         small = [f for f, v in asdict(self).items() if type(v) is int and f not in ("seed", "warmup_steps") and v < 1]
@@ -268,7 +265,7 @@ def run(cfg: DemoConfig) -> dict:
 
     # ---------------------------------------------------------------- gradient-variance probe
     t = time.time()
-    probe_kw = dict(lam=cfg.lam, batch_size=cfg.probe_batch_size, n_pairs=cfg.probe_pairs, progress=cfg.progress)
+    probe_kw = dict(lam=vr._lam, batch_size=cfg.probe_batch_size, n_pairs=cfg.probe_pairs, progress=cfg.progress)
     probe = {"pi_ref": gradient_variance_probe(model, vr, seed=cfg.seed, desc="grad variance @ pi_ref", **probe_kw)}
     for i, m in enumerate(("dpo", "vrpo")):  # at each trained policy (each is the other's off-optimum point)
         probe[f"{m}_trained"] = gradient_variance_probe(policies[m], vr, seed=cfg.seed + 1 + i,

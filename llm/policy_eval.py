@@ -1,9 +1,6 @@
-"""Evaluation of DPO/VRPO policies: implicit-reward accuracy, judged win rates, and the
-gradient-variance probe (the paper's variance claim measured directly on real data).
-
-The data are a :class:`llm.vrpo_trainer.VRPOTrainer`'s prepared datasets (token ids,
-``g``, ``g_aux`` and precomputed ``ref_logps`` columns), batched by its collator.
-"""
+"""Evaluation of DPO/VRPO policies on a :class:`llm.vrpo_trainer.VRPOTrainer`'s prepared data:
+implicit-reward accuracy, judged win rates, and the gradient-variance probe (the paper's
+variance claim measured directly on real data)."""
 
 from __future__ import annotations
 
@@ -19,11 +16,8 @@ __all__ = ["implicit_reward_accuracy", "win_rate", "gradient_variance_probe"]
 
 @torch.no_grad()
 def implicit_reward_accuracy(trainer, model, dataset=None) -> dict:
-    """Share of held-out pairs with implicit-reward margin ``delta > 0`` (human label: chosen), with 95% CI.
-
-    ``dataset``: prepared by ``trainer`` with ``ref_logps`` (default ``trainer.eval_dataset``).
-    Returns the CI dict plus the per-pair ``correct`` array (for paired comparisons between policies).
-    """
+    """Share of held-out pairs (prepared by ``trainer`` with ``ref_logps``; default its ``eval_dataset``)
+    with implicit-reward margin > 0 (chosen preferred): 95% CI and the per-pair ``correct`` array."""
     ds = trainer.eval_dataset if dataset is None else dataset
     logps = trainer.dataset_logps(ds, model=model)[:, :2]  # (n, 2)
     ref = torch.tensor(ds["ref_logps"][:], dtype=torch.float32)[:, :2]
@@ -45,11 +39,6 @@ def win_rate(r_a: np.ndarray, r_b: np.ndarray) -> dict:
     return {**mean_ci(wins), "judge_prob": float(prob.mean())}
 
 
-def _rows(ds, idx: list[int]) -> list[dict]:
-    cols = ds.select(idx)[:]  # dict of lists
-    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
-
-
 def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain: bool) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
@@ -59,14 +48,11 @@ def gradient_variance_probe(model, trainer, lam: float, batch_size: int, n_pairs
                             n_boot: int = 2000, progress: bool = True, desc: str = "gradient variance") -> dict:
     """Variance of minibatch gradients of the DPO (``lam=0``) and VRPO objectives at fixed parameters.
 
-    ``trainer``: a VRPO trainer (extra pairs, ``g`` columns, precomputed ``ref_logps``); its
-    training rows and collator are used. Draws ``2 * n_pairs`` minibatches of ``batch_size``
-    rows (without replacement inside a minibatch), and on each the gradients of both objectives
-    (same forward). Each disjoint pair of minibatches ``(2j, 2j+1)`` gives an unbiased estimate
-    of the trace of the minibatch-gradient covariance, ``v_j = ||G_2j - G_2j+1||^2 / 2``;
-    estimates are averaged over ``j`` and the ratio VRPO/DPO gets a bootstrap 95% CI over ``j``
-    (paired, same minibatches for both). Returns traces, ratio, CI and the norms of the mean
-    gradients (the signal).
+    On ``2 * n_pairs`` minibatches of a VRPO trainer's training rows (extra pairs, ``g``,
+    ``ref_logps``), the gradients of both objectives (same forward); each disjoint pair of
+    minibatches gives the unbiased estimate ``v_j = ||G_2j - G_2j+1||^2 / 2`` of the trace of the
+    minibatch-gradient covariance; the ratio VRPO/DPO of their means gets a paired bootstrap 95%
+    CI over ``j``. Returns traces, ratio, CI and the norms of the mean gradients (the signal).
     """
     from tqdm.auto import tqdm
 
@@ -82,7 +68,7 @@ def gradient_variance_probe(model, trainer, lam: float, batch_size: int, n_pairs
     model.eval()
     for r in tqdm(range(2 * n_pairs), desc=desc, disable=not progress, mininterval=2):
         idx = rng.choice(len(ds), size=batch_size, replace=False).tolist()
-        batch = {k: t.to(dev) for k, t in trainer.data_collator(_rows(ds, idx)).items()}
+        batch = {k: t.to(dev) for k, t in trainer.data_collator(ds.select(idx).to_list()).items()}
         margins = pair_margins(sequence_logps(model, batch, trainer._K).float(), batch["ref_logps"], trainer.beta)
         G = {
             "dpo": _flat_grad(vrpo_loss(margins, trainer._q, 0.0), params, retain=True),

@@ -141,15 +141,12 @@ def fragment(results: dict) -> str:
         "",
         "**Reading.** " + _reading(results),
         "",
-        f"Run time {t['total_s'] / 60:.1f} min wall-clock"
-        + (f", {t['total_cpu_s'] / 60:.1f} min of process CPU time (1-min load average at the end "
-           f"{t['load_avg_1_5_15'][0]:.1f})" if "total_cpu_s" in t else "")
-        + f" on {os.cpu_count()} CPU cores (wall: SFT "
-        + (f"cached from an earlier invocation{' where it took ' + format(t['sft_train_wall_s'], '.0f') + 's' if 'sft_train_wall_s' in t else ''}"
+        f"Run time {t['total_s'] / 60:.1f} min wall-clock, {t['total_cpu_s'] / 60:.1f} min of process CPU time "
+        f"(1-min load average at the end {t['load_avg_1_5_15'][0]:.1f}) on {os.cpu_count()} CPU cores (wall: SFT "
+        + (f"cached from an earlier invocation where it took {t['sft_train_wall_s']:.0f}s"
            if t.get("sft_cached_from_earlier_run") else f"{t['sft_s']:.0f}s")
-        + f", aux sampling "
-        f"{t['aux_s']:.0f}s, DPO {t['train_dpo_s']:.0f}s, VRPO {t['train_vrpo_s']:.0f}s, evaluation "
-        f"{t['eval_s']:.0f}s).",
+        + f", aux sampling {t['aux_s']:.0f}s, DPO {t['train_dpo_s']:.0f}s, VRPO {t['train_vrpo_s']:.0f}s, "
+        f"evaluation {t['eval_s']:.0f}s).",
         "",
     ]
     return "\n".join(lines)
@@ -212,18 +209,19 @@ def cost_section(bench: dict) -> str:
         "### Cost of VRPOTrainer vs trl.DPOTrainer (`vrpo policy-bench`)", "",
         f"{model}, batch {st['batch_size']}, prompts <= {st['prompt_tokens']} and responses <= "
         f"{st['response_tokens']} tokens (same token ids for every variant), {st['precision']}, {dev}, "
-        f"{bench['cpu_count']} CPU cores, 1-min load average {load[0][0]:.1f} at the start and {load[-1][0]:.1f} at "
-        f"the end; {st.get('rounds', 1)} interleaved rounds of {st['steps']} timed Trainer steps each (collation, "
+        f"{bench['cpu_count']} CPU cores, {next(iter(v.values()))['threads']} torch thread(s) per process, 1-min load "
+        f"average {load[0][0]:.1f} at the start and {load[-1][0]:.1f} at the end; {st.get('rounds', 1)} interleaved rounds of {st['steps']} timed Trainer steps each (collation, "
         "forward, loss, backward, clipping, AdamW). Step time: minimum over steps and rounds (median of the rounds' "
-        "medians in brackets); peak memory: growth of peak RSS (CPU) or max allocated (GPU) during training, in a "
-        "fresh process. `trl-dpo`: trl.DPOTrainer with precomputed reference log-probs (`-refmodel`: its default "
+        "medians in brackets), process CPU time: median (less sensitive to other load); peak memory: growth of the process's peak RSS (CPU) or max allocated (GPU) "
+        "during training, in a fresh process. `trl-dpo`: trl.DPOTrainer with precomputed reference log-probs (`-refmodel`: its default "
         "reference forward per step); `dpo-*`/`vrpo-*`: VRPOTrainer with `lam = 0`/`1` (one extra pair), `naive` one "
         "prompt + response row per response, `shared` the prompt encoded once for all responses.", "",
-        "| variant | step time (ms) | peak memory (MiB) |", "|---|---|---|",
-        *[f"| {n} | {x['step_s_min'] * 1e3:.0f} ({x['step_s_median'] * 1e3:.0f}) | {x['peak_mem_mb']:.0f} |"
-          for n, x in v.items()],
-        "", "| ratio | step time | peak memory | target (time, memory) |", "|---|---|---|---|",
-        *[f"| {k.replace('_', ' ')} | {r['step_time_min']:.2f} ({r['step_time_median']:.2f}) | {r['peak_mem']:.2f} | "
+        "| variant | step time (ms) | process CPU time (ms) | peak memory (MiB) |", "|---|---|---|---|",
+        *[f"| {n} | {x['step_s_min'] * 1e3:.0f} ({x['step_s_median'] * 1e3:.0f}) | {x['step_cpu_s_median'] * 1e3:.0f} | "
+          f"{x['peak_mem_mb']:.0f} |" for n, x in v.items()],
+        "", "| ratio | step time | CPU time | peak memory | target (time, memory) |", "|---|---|---|---|---|",
+        *[f"| {k.replace('_', ' ')} | {r['step_time_min']:.2f} ({r['step_time_median']:.2f}) | "
+          f"{r['step_cpu_time_median']:.2f} | {r['peak_mem']:.2f} | "
           f"{', '.join(t for t in (r.get('target_time'), r.get('target_mem')) if t)} |" for k, r in bench["ratios"].items()],
         ""]
     return "\n".join(lines)

@@ -1,10 +1,8 @@
 """A small GPT-2-style causal LM trained from scratch on HH text (offline stand-in for Pythia/Qwen).
 
-- :func:`train_bpe_tokenizer`: byte-level BPE (``tokenizers``) trained on the given texts,
-  wrapped as a ``transformers`` fast tokenizer with ``<|endoftext|>`` as EOS and pad;
-  :func:`word_tokenizer`: one token per word ``w<i>`` (benchmarks and tests with exact lengths).
-- :func:`tiny_gpt2`: a randomly initialised ``GPT2LMHeadModel`` (dropout off, as DPO wants).
-- :func:`sft`: next-token training on ``prompt + response`` token ids (``trl.SFTTrainer``); the result is ``pi_ref``.
+:func:`train_bpe_tokenizer` (byte-level BPE, ``<|endoftext|>`` as EOS and pad), :func:`word_tokenizer`
+(one token per word ``w<i>``: benchmarks, tests), :func:`tiny_gpt2` (random GPT-2, dropout off),
+:func:`sft` (next-token training with ``trl.SFTTrainer``; the result is ``pi_ref``).
 """
 
 from __future__ import annotations

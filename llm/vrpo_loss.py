@@ -6,9 +6,8 @@ to :func:`vrpo.loss.vr_objective` (METHOD.md s2, "One-stage"; logistic ``l``, so
 
 Kept here because TRL 1.16 has no equivalent: the shared-prompt forward, which encodes each
 prompt once and continues its KV cache with all ``K = 2 + 2M`` responses (gradients flow through
-the prompt's keys and values); TRL runs ``prompt + response`` as one row per response, so each
-extra pair would cost a full prompt. Responses per example: ``[chosen, rejected, a_1[0], a_2[0],
-a_1[1], ...]``, pair ``j`` = columns ``(2j, 2j+1)``. Layouts (:func:`pad_batch`): shared:
+the prompt's keys and values; TRL runs one ``prompt + response`` row per response). Responses:
+``[chosen, rejected, a_1[0], a_2[0], a_1[1], ...]``, pair ``j`` = columns ``(2j, 2j+1)``. Layouts:
 ``prompt_input_ids`` (B, Tp) left-padded, ``completion_input_ids`` (B*K, Tr) right-padded, with
 ``*_attention_mask``; naive: ``input_ids`` (B*K, T) left-padded rows, ``attention_mask``,
 ``completion_mask`` (B*K, Tr) over the last ``Tr`` positions.
@@ -25,14 +24,14 @@ from vrpo.loss import sigmoid, vr_objective
 __all__ = ["left_pad", "pad_batch", "sequence_logps", "pair_margins", "soft_label", "vrpo_loss", "PowerTuning"]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> left-padded ids and attention mask, both (N, max length)."""
+def left_pad(seqs: list[list[int]], pad_id: int, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> padded ids and attention mask, both (N, max length); left-padded unless ``right``."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for j, s in enumerate(seqs):
-        ids[j, T - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[j, T - len(s) :] = 1
+        where = slice(0, len(s)) if right else slice(T - len(s), T)
+        ids[j, where], mask[j, where] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
 
 
@@ -41,13 +40,7 @@ def pad_batch(prompts: list[list[int]], responses: list[list[list[int]]], pad_id
     """Token ids -> padded tensors (layout in the module docstring). ``responses[i]``: K lists per example."""
     flat = [r for rs in responses for r in rs]  # B*K
     if shared_prompt:
-        pids, pmask = left_pad(prompts, pad_id)  # (B, Tp)
-        Tr = max(len(r) for r in flat)
-        rids = torch.full((len(flat), Tr), pad_id, dtype=torch.long)
-        rmask = torch.zeros((len(flat), Tr), dtype=torch.long)
-        for j, r in enumerate(flat):
-            rids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-            rmask[j, : len(r)] = 1
+        (pids, pmask), (rids, rmask) = left_pad(prompts, pad_id), left_pad(flat, pad_id, right=True)  # (B, Tp), (BK, Tr)
         return {"prompt_input_ids": pids, "prompt_attention_mask": pmask,
                 "completion_input_ids": rids, "completion_attention_mask": rmask}
     ids, mask = left_pad([p + r for p, rs in zip(prompts, responses) for r in rs], pad_id)  # (B*K, T)

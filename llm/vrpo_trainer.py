@@ -1,17 +1,16 @@
-"""VRPO as a TRL trainer: ``VRPOConfig(trl.DPOConfig)`` and ``VRPOTrainer(trl.DPOTrainer)`` (docs/vrpo_trainer.md).
+"""VRPO as a TRL trainer: ``VRPOConfig(trl.DPOConfig)``, ``VRPOTrainer(trl.DPOTrainer)`` (guide: docs/vrpo_trainer.md).
 
-Constructed like ``DPOTrainer``; accelerate data parallel, DeepSpeed/FSDP, PEFT, logging and
-checkpoints come from TRL/transformers. Added here: the columns ``a_1, a_2`` (M extra responses
-from ``pi_ref``) and ``g, g_aux``, validated before training (one error naming column and row,
-nothing repaired); the loss :func:`llm.vrpo_loss.vrpo_loss` (= :func:`vrpo.loss.vr_objective` on
-the DPO margins) with ``lam`` fixed or power-tuned online; ``g`` from columns, a model, a frozen
-policy or a constant; the shared-prompt forward TRL lacks; a step without TRL's fused-head side
-outputs and per-step host syncs; checkpoints that refuse other data, settings or ``pi_ref``.
+Added to TRL: the columns ``a_1, a_2`` (M extra responses from ``pi_ref``) and ``g, g_aux``,
+checked before training (one error naming column and row, nothing repaired); the loss
+:func:`llm.vrpo_loss.vrpo_loss` (:func:`vrpo.loss.vr_objective` on the DPO margins) with ``lam``
+fixed or power-tuned online; ``g`` sources; the shared-prompt forward; a step without TRL's
+fused-head side outputs and per-step host syncs; checkpoints refusing other data, settings or pi_ref.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers.data.data_collator import DataCollatorMixin
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
@@ -34,7 +32,7 @@ from vrpo_common.fileio import write_json
 
 from .vrpo_loss import PowerTuning, pad_batch, pair_margins, sequence_logps, soft_label, vrpo_loss
 
-__all__ = ["VRPOConfig", "VRPOTrainer", "DataCollatorForVRPO", "NonFiniteError", "G_SOURCES", "LOSS_TYPES"]
+__all__ = ["VRPOConfig", "VRPOTrainer", "collate_vrpo", "NonFiniteError", "G_SOURCES", "LOSS_TYPES"]
 
 G_SOURCES = ("columns", "model", "self", "constant")
 LOSS_TYPES = ("sigmoid", "robust")
@@ -108,38 +106,28 @@ class VRPOConfig(DPOConfig):
 
     def vrpo_settings(self) -> dict:
         """The settings that define the objective (stored in, and checked against, checkpoints)."""
-        keys = ("lam", "lam_auto_decay", "g_source", "self_g_refresh", "shared_prompt", "max_prompt_length",
-                "max_completion_length", "max_length", "beta", "loss_type", "label_smoothing")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in ("lam", "lam_auto_decay", "g_source", "self_g_refresh", "shared_prompt",
+                "max_prompt_length", "max_completion_length", "max_length", "beta", "loss_type", "label_smoothing")}
 
 
-@dataclass
-class DataCollatorForVRPO(DataCollatorMixin):
+def collate_vrpo(examples: list[dict[str, Any]], pad_token_id: int, shared_prompt: bool = True, n_extra: int = 0,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Prepared rows -> :func:`llm.vrpo_loss.pad_batch` tensors plus ``ref_logps`` (B, K), ``g`` (B,),
-    ``g_aux`` (B, M). ``n_extra = 0`` is DPO (K = 2). Responses are cut to ``max_length - len(prompt)``
-    tokens (TRL's ``keep_start``)."""
-
-    pad_token_id: int
-    shared_prompt: bool = True
-    n_extra: int = 0
-    max_length: int | None = None
-    return_tensors: str = "pt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        responses = []
-        for ex in examples:
-            rs = [ex["chosen_ids"], ex["rejected_ids"]] + [r for m in range(self.n_extra)
-                                                           for r in (ex["a_1_ids"][m], ex["a_2_ids"][m])]
-            lim = None if self.max_length is None else self.max_length - len(ex["prompt_ids"])
-            responses.append([r[:lim] for r in rs])
-        out = pad_batch([ex["prompt_ids"] for ex in examples], responses, self.pad_token_id, self.shared_prompt)
-        f32 = lambda key, n=None: torch.tensor([ex[key][:n] if n else ex[key] for ex in examples],  # noqa: E731
-                                               dtype=torch.float32)
-        if "ref_logps" in examples[0]:
-            out["ref_logps"] = f32("ref_logps", 2 + 2 * self.n_extra)  # (B, K)
-        if self.n_extra and "g" in examples[0]:
-            out["g"], out["g_aux"] = f32("g"), f32("g_aux", self.n_extra)  # (B,), (B, M)
-        return out
+    ``g_aux`` (B, M); ``n_extra = 0`` is DPO (K = 2). Responses are cut to ``max_length - len(prompt)``
+    tokens (TRL's ``keep_start``). The trainer's ``data_collator`` is this function, bound."""
+    responses = []
+    for ex in examples:
+        rs = [ex["chosen_ids"], ex["rejected_ids"]] + [r for m in range(n_extra) for r in (ex["a_1_ids"][m],
+                                                                                          ex["a_2_ids"][m])]
+        lim = None if max_length is None else max_length - len(ex["prompt_ids"])
+        responses.append([r[:lim] for r in rs])
+    out = pad_batch([ex["prompt_ids"] for ex in examples], responses, pad_token_id, shared_prompt)
+    f32 = lambda key, n=None: torch.tensor([ex[key][:n] if n else ex[key] for ex in examples], dtype=torch.float32)  # noqa: E731
+    if "ref_logps" in examples[0]:
+        out["ref_logps"] = f32("ref_logps", 2 + 2 * n_extra)  # (B, K)
+    if n_extra and "g" in examples[0]:
+        out["g"], out["g_aux"] = f32("g"), f32("g_aux", n_extra)  # (B,), (B, M)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- data checks
@@ -270,13 +258,10 @@ class VRPOTrainer(DPOTrainer):
             return Dataset.from_dict(ds)
         return Dataset.from_pandas(ds, preserve_index=False) if type(ds).__name__ == "DataFrame" else ds
 
-    @property
-    def _K(self) -> int:
-        return 2 + 2 * (self._n_extra_pairs or 0)
-
-    def _collator(self) -> DataCollatorForVRPO:
-        return DataCollatorForVRPO(pad_token_id=self._tokenizer.pad_token_id, shared_prompt=self.args.shared_prompt,
-                                   n_extra=self._n_extra_pairs or 0, max_length=self.args.max_length)
+    def _collator(self):
+        return functools.partial(collate_vrpo, pad_token_id=self._tokenizer.pad_token_id,
+                                 shared_prompt=self.args.shared_prompt, n_extra=self._n_extra_pairs or 0,
+                                 max_length=self.args.max_length)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, resolve ``g``, tokenise (TRL's own code, also for the extra pairs), truncate, filter."""
@@ -289,8 +274,7 @@ class VRPOTrainer(DPOTrainer):
         need = [c + sfx for c in ("prompt", "chosen", "rejected") if c != "prompt" or tokenized or self._uses_extra]
         need += (["a_1" + sfx, "a_2" + sfx] if self._uses_extra else []) + \
             (["g", "g_aux"] if self._uses_extra and args.g_source == "columns" else [])
-        missing = [c for c in need if c not in ds.column_names]
-        if missing:
+        if missing := [c for c in need if c not in ds.column_names]:
             why = f" (lam = {args.lam}, g_source = {args.g_source!r})" if self._uses_extra else ""
             raise ValueError(f"{name} dataset lacks column(s) {missing}{why}; it has {ds.column_names}")
         for col in ("g", "g_aux"):
@@ -308,7 +292,7 @@ class VRPOTrainer(DPOTrainer):
             if self._n_extra_pairs not in (None, M):
                 raise ValueError(f"{name} dataset has {M} extra pairs per example, the training data "
                                  f"{self._n_extra_pairs}")
-        self._n_extra_pairs = M
+        self._n_extra_pairs, self._K = M, 2 + 2 * M  # responses per example
         no_filter = copy.copy(args)
         no_filter.max_length = None  # filtered below, after our truncation
         if not tokenized:
@@ -405,8 +389,7 @@ class VRPOTrainer(DPOTrainer):
         was_training, out = module.training, []
         module.eval()
         for s in range(lo, hi, batch_size):
-            rows = dataset[s : min(s + batch_size, hi)]
-            batch = {k: v.to(dev) for k, v in collate([dict(zip(rows, v)) for v in zip(*rows.values())]).items()}
+            batch = {k: v.to(dev) for k, v in collate(dataset.select(range(s, min(s + batch_size, hi))).to_list()).items()}
             with self.accelerator.autocast():
                 lp = self._reference_logps(batch) if model is None else sequence_logps(model, batch, self._K)
             out.extend(lp.float().cpu().tolist())
@@ -491,8 +474,7 @@ class VRPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _vrpo_state(self) -> dict:
-        if getattr(self, "_data_fp", None) is None:
-            self._data_fp = _fingerprint(self.train_dataset)
+        self._data_fp = getattr(self, "_data_fp", None) or _fingerprint(self.train_dataset)  # computed once
         return {"format": 1, "settings": self.args.vrpo_settings(), "data_fingerprint": self._data_fp,
                 "n_rows": len(self.train_dataset), "n_extra_pairs": self._n_extra_pairs,
                 "lam": self._lam, "lam_auto_sums": self._power.sums if self._power else None,

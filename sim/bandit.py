@@ -122,8 +122,12 @@ class Bandit:
         cdf = np.cumsum(np.exp(log_pi), axis=-1)  # (C, K)
         cdf[:, -1] = 1.0
         u = rng.random((log_pi.shape[0], *shape))  # (C, *shape)
-        flat = u.reshape(log_pi.shape[0], -1)
-        idx = np.empty(flat.shape, dtype=np.int64)
-        for j in range(flat.shape[1]):
-            idx[:, j] = np.sum(cdf <= flat[:, j : j + 1], axis=-1)
+        flat = u.reshape(log_pi.shape[0], -1)  # (C, J)
+        # idx = #{k: cdf_k <= u} (cdf[:, -1] = 1 > u is never counted)
+        if cdf.shape[0] and np.all(cdf == cdf[:1]):  # one pi for every context (uniform pi_ref)
+            idx = np.searchsorted(cdf[0, :-1], flat, side="right")
+        else:
+            idx = np.zeros(flat.shape, dtype=np.int64)
+            for k in range(cdf.shape[1] - 1):
+                idx += cdf[:, k : k + 1] <= flat
         return np.minimum(idx, log_pi.shape[-1] - 1).reshape(u.shape)

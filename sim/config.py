@@ -8,6 +8,7 @@ is embedded in every result file.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -37,6 +38,48 @@ def parse_method(spec: str):
             if lam >= 0:
                 return lam
     raise ValueError(f"unknown method {spec!r}; expected {METHODS_HELP}")
+
+
+_INT_FIELDS = ("d", "K", "dx", "M", "reps", "seed", "n_pop", "n_eval", "chunk_size", "n_jobs")
+_FLOAT_FIELDS = ("scale", "beta", "alpha")
+_STR_FIELDS = ("name", "pi_ref", "aux_prompts", "backend", "output")
+_STR_LISTS = ("scenarios", "g", "methods")
+
+
+def _kind(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _check_types(cfg) -> None:
+    """Field types, each error naming the field (config files: TOML ``10.0`` is a float,
+    ``"0.05"`` a string; integers must be written as integers). NumPy scalars are
+    converted to plain Python numbers."""
+
+    def integer(f, v, what="an integer"):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            hint = f"; write {int(v)}" if isinstance(v, float) and v.is_integer() and abs(v) < 1e6 else ""
+            raise ValueError(f"{f} must be {what}, got {_kind(v)}{hint}")
+        return int(v)
+
+    for f in _INT_FIELDS:
+        object.__setattr__(cfg, f, integer(f, getattr(cfg, f)))
+    for f in _FLOAT_FIELDS:
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{f} must be a number, got {_kind(v)}")
+        if not isinstance(v, (int, float)):
+            object.__setattr__(cfg, f, float(v))
+    for f in _STR_FIELDS:
+        v = getattr(cfg, f)
+        if not isinstance(v, str):
+            raise ValueError(f"{f} must be a string, got {_kind(v)}")
+    if not isinstance(cfg.progress, bool):
+        raise ValueError(f"progress must be true or false, got {_kind(cfg.progress)}")
+    for f in _STR_LISTS:
+        for v in getattr(cfg, f):
+            if not isinstance(v, str):
+                raise ValueError(f"{f} must be a list of strings, got {_kind(v)} in {list(getattr(cfg, f))}")
+    object.__setattr__(cfg, "n", tuple(integer("n", v, "a list of integers >= 2") for v in cfg.n))
 
 
 @dataclass(frozen=True)
@@ -77,9 +120,13 @@ class ExperimentConfig:
     def __post_init__(self):
         for tup in ("scenarios", "n", "g", "methods"):
             v = getattr(self, tup)
-            if isinstance(v, (str, int)):
+            if isinstance(v, (str, int, float)):
                 v = (v,)
-            object.__setattr__(self, tup, tuple(v))
+            try:
+                object.__setattr__(self, tup, tuple(v))
+            except TypeError:
+                raise ValueError(f"{tup} must be a list, got {v!r}") from None
+        _check_types(self)
         BanditSpec(d=self.d, K=self.K, dx=self.dx, scale=self.scale, beta=self.beta, pi_ref=self.pi_ref)
         if not self.scenarios:
             raise ValueError("scenarios must not be empty")
@@ -93,7 +140,7 @@ class ExperimentConfig:
             parse_method(m)
         if any(m != "mle" for m in self.methods) and not self.g:
             raise ValueError("VR methods need at least one auxiliary model in g")
-        if not self.n or any(int(n) != n or n < 2 for n in self.n):
+        if not self.n or any(n < 2 for n in self.n):
             raise ValueError(f"n must be a non-empty list of integers >= 2, got {self.n}")
         if len(set(self.n)) != len(self.n) or len(set(self.scenarios)) != len(self.scenarios):
             raise ValueError("n and scenarios must not contain duplicates")
@@ -101,6 +148,8 @@ class ExperimentConfig:
             raise ValueError(f"M must be >= 1, got {self.M}")
         if self.aux_prompts not in AUX_PROMPTS:
             raise ValueError(f"aux_prompts must be one of {AUX_PROMPTS}, got {self.aux_prompts!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
         if self.reps < 2:
             raise ValueError(f"reps must be >= 2 (Monte Carlo errors need replications), got {self.reps}")
         if not 0 < self.alpha < 1:
@@ -111,6 +160,8 @@ class ExperimentConfig:
             raise ValueError("chunk_size must be >= 1 and n_jobs != 0")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if Path(self.output).suffix not in (".parquet", ".csv"):
+            raise ValueError(f"output must end in .parquet or .csv, got {self.output!r}")
 
     @property
     def bandit_spec(self) -> BanditSpec:

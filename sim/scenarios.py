@@ -126,6 +126,17 @@ class HeavyTail(_LinkBlend):
         return cauchy.cdf(du)
 
 
+def _two_types(theta_0, kappa, rng):
+    """Annotator types ``theta_0 +- kappa |theta_0| v``, ``v`` a random unit vector orthogonal to
+    ``theta_0`` (any unit vector when ``d = 1``); returns ``(2, d)``."""
+    v = rng.standard_normal(theta_0.shape)
+    t = theta_0 / np.linalg.norm(theta_0)
+    v = v - (v @ t) * t if v.size > 1 else v
+    v = v / np.linalg.norm(v)
+    r = kappa * np.linalg.norm(theta_0)
+    return np.stack([theta_0 + r * v, theta_0 - r * v])
+
+
 @register_scenario("mixture")
 class Mixture(Scenario):
     """Two annotator types ``theta_k = theta_0 +- kappa |theta_0| v`` (``v`` a unit vector
@@ -136,17 +147,60 @@ class Mixture(Scenario):
     default_kappa = 1.0
 
     def setup(self, rng):
-        v = rng.standard_normal(self.theta_0.shape)
-        t = self.theta_0 / np.linalg.norm(self.theta_0)
-        v = v - (v @ t) * t if v.size > 1 else v
-        v = v / np.linalg.norm(v)
-        r = self.kappa * np.linalg.norm(self.theta_0)
-        self.types = np.stack([self.theta_0 + r * v, self.theta_0 - r * v])  # (2, d)
+        self.types = _two_types(self.theta_0, self.kappa, rng)  # (2, d)
         self.weights = np.array([0.5, 0.5])
 
     def p_star(self, x, phi1, phi2):
         X = phi1 - phi2
         return sum(w * sigmoid(X @ th) for w, th in zip(self.weights, self.types))
+
+
+class _ContextMixture(Scenario):
+    """Two annotator types (as in ``mixture``) whose mixture weight depends on the prompt:
+    ``p* = w(x) sigma(theta_1 . X) + (1 - w(x)) sigma(theta_2 . X)``, ``X = phi1 - phi2``,
+    ``w(x) = W(gamma . x)`` with ``gamma`` a fixed unit vector in context space.
+
+    Because the type is (mostly) set by the prompt, the misspecification residual
+    ``m = (s - p*) X`` has a large *between-prompt* part ``Var_x E[m | x]`` besides the
+    within-prompt part: the family that separates shared from fresh extra prompts, a
+    clustered from an unclustered sandwich and the clustered from the naive PPI++ ``lam``
+    (METHOD.md s3). ``kappa = 0`` is BT; ``p*(a, b) = 1 - p*(b, a)``.
+    """
+
+    default_kappa = 1.0
+
+    def setup(self, rng):
+        self.types = _two_types(self.theta_0, self.kappa, rng)  # (2, d)
+        g = self.bandit.structural_rng(f"scenario/{self.name}/gamma").standard_normal(self.bandit.spec.dx)
+        self.gamma = g / np.linalg.norm(g)  # (dx,)
+
+    def weight(self, x):
+        """``w(x) = P(type 1 | x)``, broadcasting over ``x (..., dx)`` -> ``(...)``."""
+        raise NotImplementedError
+
+    def p_star(self, x, phi1, phi2):
+        X = phi1 - phi2
+        w = self.weight(x)
+        return w * sigmoid(X @ self.types[0]) + (1.0 - w) * sigmoid(X @ self.types[1])
+
+
+@register_scenario("prompt-type")
+class PromptType(_ContextMixture):
+    """The annotator type is set by the prompt: type 1 judges the prompts with ``gamma . x > 0``,
+    type 2 the others (``w(x) = 1{gamma . x > 0}``)."""
+
+    def weight(self, x):
+        return (np.asarray(x) @ self.gamma > 0).astype(float)
+
+
+@register_scenario("context-mixture")
+class ContextMixture(_ContextMixture):
+    """The mixture weight depends smoothly on the context: ``w(x) = sigma(2 gamma . x)``."""
+
+    slope = 2.0
+
+    def weight(self, x):
+        return sigmoid(self.slope * (np.asarray(x) @ self.gamma))
 
 
 @register_scenario("flip")

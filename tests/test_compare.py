@@ -70,3 +70,47 @@ def test_agreement_summary_counts():
     s = agreement_summary(tab, n_min=1000).set_index("check")
     assert s.loc["cov", "cells"] == 2 and s.loc["cov", "within"] == 1
     assert s.loc["regret", "within"] == 3
+
+
+def test_holm_table_long_form_and_rejections():
+    from analysis.compare import holm_table
+
+    tab = pd.DataFrame({"n": [1000, 1000, 2000, 500], "z_cov": [0.5, 6.0, -1.0, 9.0], "p_cov": [0.617, 2e-9, 0.317, 0],
+                        "z_regret": [np.nan, 1.0, 0.0, 0.0], "p_regret": [np.nan, 0.317, 1.0, 1.0]})
+    long = holm_table(tab, n_min=1000, alpha=1e-3)
+    assert len(long) == 5  # 3 cov + 2 regret at n >= 1000 (NaN z dropped)
+    assert long["rejected"].sum() == 1 and long.loc[long["rejected"], "z"].iloc[0] == 6.0
+    assert long["p_holm"].max() <= 1.0
+
+
+def test_shared_data_groups_follow_seed_bandit_and_scenario():
+    from analysis.compare import shared_data_groups
+
+    a = ExperimentConfig(name="a", scenarios=("mixture:1.0",), n=(1000,), M=4)
+    b = a.replace(name="b", M=16, aux_prompts="fresh")  # same labelled data: M and prompts come later in the stream
+    c = a.replace(name="c", seed=1)
+    d = a.replace(name="d", scale=10.0)
+    groups = shared_data_groups({"a": a, "b": b, "c": c, "d": d})
+    assert groups[("a", "mixture:1.0")] == ["b"] and groups[("c", "mixture:1.0")] == []
+    assert groups[("d", "mixture:1.0")] == []
+
+
+def test_sweeps_in_one_shared_data_group_really_share_the_labelled_data():
+    base = ExperimentConfig(name="a", scenarios=("mixture:1.0",), n=(100,), M=2, reps=4, n_pop=500, n_eval=20,
+                            methods=("mle",), g=(), progress=False)
+    a = run_experiment(base, write=False)
+    b = run_experiment(base.replace(M=8, aux_prompts="fresh"), write=False)
+    c = run_experiment(base.replace(seed=1), write=False)
+    cols = [f"theta_{j}" for j in range(4)]
+    np.testing.assert_array_equal(a[cols].to_numpy(), b[cols].to_numpy())
+    assert not np.allclose(a[cols].to_numpy(), c[cols].to_numpy())
+
+
+def test_theory_cli_prints_the_holm_summary(tmp_path, capsys):
+    from vrpo_cli.main import main
+
+    code = main(["theory", "--scenarios", "mixture:1.0", "--n", "300", "--reps", "20", "--g", "oracle", "--n-ctx",
+                 "2000", "--n-batches", "4", "--n-min", "300", "--n-pop", "1000", "--n-eval", "50", "--no-progress",
+                 "--output", str(tmp_path / "t.parquet")])
+    out = capsys.readouterr().out
+    assert code == 0 and "Holm over 13 comparisons at n >= 300" in out and "expected by chance" in out

@@ -174,6 +174,11 @@ def test_smoke_run_writes_results_figure_and_fragment(tmp_path, emb_cache):
     assert png.exists() and png.stat().st_size > 10_000
     frag = (tmp_path / "figs" / "sections" / "hh_reward.md").read_text()
     assert "hh_reward_variance_accuracy.png" in frag and "**Verdict**" in frag
+    # the bias study: one row per N and method, and the explanation quotes its numbers
+    study = pd.DataFrame(result["cells"][0]["bias_study"])
+    assert sorted(set(study["N"])) == list(cfg.bias_N) and set(study["method"]) == {"mle", "vr"}
+    assert "Why VR (lam = 1) is outside its same-target bound" in frag
+    assert f"at N = {cfg.bias_N[-1]}" in frag
     assert not list(tmp_path.rglob("*.tmp*"))
 
     rows = pd.DataFrame(result["rows"])
@@ -217,3 +222,37 @@ def test_cli_prints_config_and_rejects_bad_flags(capsys):
     assert "reps must be >= 20" in capsys.readouterr().err
     assert main(["hh-reward", "--smoke", "--data-dir", "/nowhere", "--no-progress"]) == 2
     assert "relabeled HH data not found" in capsys.readouterr().err
+
+
+def test_limit_bias_detects_a_different_target():
+    """bias(n, N) = u/n + v/N + c: c = 0 is not rejected, c != 0 is (seeded noise at the stated SE)."""
+    from llm.hh_reward_report import limit_bias
+
+    rng = np.random.default_rng(0)
+    u, v = np.array([8.0, -5.0, 3.0]), np.array([20.0, 10.0, -6.0])
+    pts = [(n, N) for n in (200, 400, 800, 1600) for N in (2000,)] + [(800, N) for N in (500, 8000, 32000)]
+    se = 0.004
+    for c, rejected in ((np.zeros(3), False), (np.array([0.03, 0.0, -0.02]), True)):
+        data = [(n, N, (u / n + v / N + c + se * rng.standard_normal(3)).tolist(), [se] * 3) for n, N in pts]
+        res = limit_bias(data, with_N=True)
+        assert (res["p"] < 1e-3) is rejected, res
+
+
+def test_bias_explanation_follows_the_numbers():
+    """Changing the N-ladder result changes the sentence (direction and numbers are computed)."""
+    from llm.hh_reward_report import _bias_explanation
+
+    def result(scale_last):
+        study = []
+        for N, b in ((500, 0.09), (2000, 0.045), (32000, 0.045 * scale_last)):
+            for method, bb in (("vr", b), ("mle", 0.015)):
+                study.append(dict(cell="c", n=800, N=N, method=method, bias_vec=[bb, 0.0], bias_se_vec=[1e-4, 1e-4],
+                                  sd_norm=0.4, reps_used=400, nonconverged=0, bias_norm=bb))
+        return {"config": {"n_aux": 2000, "reps": 200, "bias_reps": 400}, "cells": [{"bias_study": study}]}
+
+    df = pd.DataFrame([dict(cell="c", g="llm", method="vr", n=n, var_ratio=2.5, diverged=0, selection_z=np.nan,
+                            bias_vec=[0.04, 0.0], bias_se_vec=[1e-3, 1e-3]) for n in (200, 400)])
+    down = " ".join(_bias_explanation(result(0.5), df))
+    up = " ".join(_bias_explanation(result(1.2), df))
+    assert "cuts it by 50%" in down and "does not reduce it (+20%)" in up
+    assert "0.0225 at N = 32000" in down and "0.0540 at N = 32000" in up

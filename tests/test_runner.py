@@ -223,3 +223,285 @@ def test_cli_reports_bad_configuration_in_one_line(capsys, monkeypatch):
     monkeypatch.setenv("VRPO_TRACEBACK", "1")
     with pytest.raises(KeyError):
         cli_main(["run", "--scenarios", "nope"])
+
+
+# ----------------------------------------------------------------- issue 8: caches, config types, output, workers
+
+PLUGIN = '''
+from sim import Scenario, register_scenario, sigmoid
+
+
+@register_scenario("edited", overwrite=True)
+class Edited(Scenario):
+    """A plugin scenario the test edits between runs."""
+
+    def p_star(self, x, phi1, phi2):
+        return sigmoid({factor} * self.du(phi1, phi2))
+'''
+
+
+def _counting(monkeypatch):
+    calls = []
+    orig = runner.run_cell_chunk
+
+    def counting(cfg_, task, pop):
+        calls.append((task.scenario, task.n))
+        return orig(cfg_, task, pop)
+
+    monkeypatch.setattr(runner, "run_cell_chunk", counting)
+    return calls
+
+
+def test_cache_key_covers_the_plugin_source(tmp_path, monkeypatch):
+    """Editing a plugin scenario's p_star must recompute its cells (it used to resume the
+    old numbers while the metadata's theta* came from the new code); editing only its
+    docstring or comments must not."""
+    from vrpo_cli.cmd_run import import_plugins
+
+    plug = tmp_path / "plug.py"
+    plug.write_text(PLUGIN.format(factor="1.0"))
+    import_plugins([str(plug)])
+    cfg = _cfg(tmp_path, scenarios=("edited",), n=(200,), reps=4, methods=("mle",), g=())
+    first = run_experiment(cfg)
+    plug.write_text(PLUGIN.format(factor="0.25"))
+    import_plugins([str(plug)])
+    calls = _counting(monkeypatch)
+    second = run_experiment(cfg)
+    assert calls == [("edited", 200)]  # recomputed, not resumed
+    pd.testing.assert_frame_equal(second, run_experiment(cfg, write=False))
+    assert not np.allclose(first["theta_0"], second["theta_0"])
+    _, meta = read_results(cfg.output)
+    pop = runner.populations(cfg)["edited"]
+    np.testing.assert_allclose(meta["theta_star"]["edited"], pop.theta_star)  # table and metadata: same code
+    # prose-only edit: same AST, cache reused
+    plug.write_text(PLUGIN.format(factor="0.25").replace("A plugin scenario", "The plugin scenario") + "# note\n")
+    import_plugins([str(plug)])
+    calls.clear()
+    pd.testing.assert_frame_equal(run_experiment(cfg), second)
+    assert calls == []
+
+
+def test_code_fingerprint_covers_estimator_sim_and_class_files(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cfg = _cfg(tmp_path, scenarios=("bt",), g=("oracle",))
+    seen = []
+    orig = runner._normalised_source
+
+    def spy(path):
+        seen.append(Path(path).name if Path(path).parent.name in ("vrpo", "sim") else str(path))
+        return orig(path)
+
+    monkeypatch.setattr(runner, "_normalised_source", spy)
+    monkeypatch.setattr(runner, "_DIGESTS", {})  # no digests cached by earlier tests
+    a = runner.code_fingerprint(cfg, "bt")
+    assert {"fit.py", "separation.py", "variance.py", "data.py", "aux_models.py", "scenarios.py", "runner.py",
+            "policy.py", "population.py", "bandit.py"} <= set(seen)
+    assert a == runner.code_fingerprint(cfg, "bt")  # deterministic
+    # the key changes with the fingerprint
+    assert runner._cell_hash(cfg, "bt", 200, "a" * 16) != runner._cell_hash(cfg, "bt", 200, "b" * 16)
+
+
+def test_mislabeled_or_corrupt_cell_file_is_rejected(tmp_path, monkeypatch):
+    """A valid cell file under another cell's name used to be accepted (one cell missing,
+    another duplicated, exit 0). Each cell file stores its identity and is checked."""
+    import shutil
+
+    cfg = _cfg(tmp_path, scenarios=("bt",), n=(200, 400), reps=4)
+    ref = run_experiment(cfg)
+    keys = {n: runner._cell_hash(cfg, "bt", n) for n in (200, 400)}
+    cells = tmp_path / "r.cells"
+    shutil.copy(cells / f"{keys[200]}.parquet", cells / f"{keys[400]}.parquet")
+    calls = _counting(monkeypatch)
+    with pytest.warns(UserWarning, match=r"holds cell \['bt', 200\].*not cell \['bt', 400\].*rejected"):
+        again = run_experiment(cfg)
+    assert set(calls) == {("bt", 400)}
+    pd.testing.assert_frame_equal(again, ref)
+    # a truncated cell file is recomputed too
+    f = cells / f"{keys[200]}.parquet"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable"):
+        pd.testing.assert_frame_equal(run_experiment(cfg), ref)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("n = [250.0]", r"n must be a list of integers >= 2, got 250\.0 \(float\); write 250"),
+        ("reps = 10.0", r"reps must be an integer, got 10\.0 \(float\); write 10"),
+        ("M = 2.0", r"M must be an integer, got 2\.0"),
+        ("reps = 1e9", r"reps must be an integer, got 1000000000\.0 \(float\)"),
+        ('alpha = "0.05"', r"alpha must be a number, got '0\.05' \(str\)"),
+        ("seed = -1", r"seed must be an integer >= 0, got -1"),
+        ("d = true", r"d must be an integer, got True \(bool\)"),
+        ("scenarios = [1]", r"scenarios must be a list of strings, got 1 \(int\)"),
+        ("progress = 1", r"progress must be true or false"),
+        ('output = "out.txt"', r"output must end in \.parquet or \.csv"),
+    ],
+)
+def test_config_file_field_types_are_named(tmp_path, text, match):
+    f = tmp_path / "c.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ValueError, match=match):
+        ExperimentConfig.from_file(f)
+
+
+def test_cli_config_type_error_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VRPO_TRACEBACK", raising=False)
+    f = tmp_path / "c.toml"
+    f.write_text("reps = 10.0\n")
+    assert cli_main(["run", "--config", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vrpo run: error: {f}: reps must be an integer, got 10.0 (float); write 10"
+
+
+def test_output_directory_and_bad_suffix_rejected_before_the_sweep(tmp_path, monkeypatch, capsys):
+    calls = _counting(monkeypatch)
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        run_experiment(_cfg(tmp_path, output=str(tmp_path / "dir.parquet")))
+    with pytest.raises(ValueError, match=r"output must end in \.parquet or \.csv"):
+        _cfg(tmp_path, output=str(tmp_path / "r.txt"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        run_experiment(_cfg(tmp_path, output=str(tmp_path / "file" / "r.parquet")))
+    monkeypatch.delenv("VRPO_TRACEBACK", raising=False)
+    assert cli_main(["run", "--reps", "2", "--output", str(tmp_path)]) == 2
+    assert "output must end in .parquet or .csv" in capsys.readouterr().err
+    assert cli_main(["run", "--reps", "2", "--output", str(tmp_path / "dir.parquet")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert calls == []  # rejected before any replication ran
+
+
+def test_summary_reports_separable_replications(tmp_path, capsys):
+    """The issue's sweep (bt, n = 8, MLE): nearly every sample is separable. They must be
+    excluded from the summary and reported, not averaged in as converged fits."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from lp_oracle import separable_labels
+    from sim.bandit import Bandit
+    from sim.data import PairData, sample_pairs
+    from sim.scenarios import make_scenario
+
+    cfg = ExperimentConfig(scenarios=("bt",), n=(8, 30), reps=40, methods=("mle",), g=(), progress=False,
+                           n_pop=2000, n_eval=100, output=str(tmp_path / "s.parquet"))
+    df = run_experiment(cfg, write=False)
+    b = Bandit(cfg.bandit_spec)
+    sc = make_scenario("bt", b)
+    for n in cfg.n:
+        data = PairData.stack([sample_pairs(runner.rep_generator(0, "bt", n, r, 0), b, sc, n, cfg.M)
+                               for r in range(cfg.reps)])
+        sep = np.array([separable_labels(data.X[r], data.Z[r]) for r in range(cfg.reps)])
+        sub = df[df.n == n].sort_values("rep")
+        assert (sub["status"].to_numpy() == np.where(sep, "separable", "converged")).all()
+        assert (sub["converged"].to_numpy() == ~sep).all()
+    s = summarize(df)
+    row = s[s.n == 8].iloc[0]
+    assert row["separable"] == row["nonconverged"] >= 35 and row["reps"] == 40 - row["nonconverged"]
+    from sim.summary import format_summary
+
+    assert "excluded" in format_summary(s)
+
+
+def test_plugin_scenario_runs_in_loky_workers(tmp_path):
+    """Plugins registered in the parent used to be unknown in worker processes (KeyError)."""
+    from vrpo_cli.cmd_run import import_plugins
+
+    plug = tmp_path / "plug2.py"
+    plug.write_text(PLUGIN.format(factor="0.5"))
+    import_plugins([str(plug)])
+    cfg = _cfg(tmp_path, scenarios=("edited",), n=(200,), reps=4, chunk_size=2, g=("oracle",))
+    a = run_experiment(cfg, write=False)
+    b = run_experiment(cfg.replace(n_jobs=2, backend="loky"), write=False)
+    pd.testing.assert_frame_equal(a, b)
+
+
+SLOW_DRIVER = '''
+import sys
+from vrpo_cli.cmd_run import import_plugins
+import_plugins([sys.argv[1]])
+from sim import ExperimentConfig, run_experiment
+cfg = ExperimentConfig(scenarios=("slow",), n=(50,), reps=200, chunk_size=2, n_jobs=2, backend="loky",
+                       methods=("mle",), g=(), d=3, K=4, dx=3, n_pop=200, n_eval=20, progress=False,
+                       output=sys.argv[2])
+run_experiment(cfg, write=False)
+'''
+
+SLOW_PLUGIN = '''
+import os
+import time
+from pathlib import Path
+from sim import Scenario, register_scenario, sigmoid
+
+
+@register_scenario("slow", overwrite=True)
+class Slow(Scenario):
+    def p_star(self, x, phi1, phi2):
+        (Path(__file__).parent / f"computing.{os.getpid()}").touch()  # tells the test who computes
+        time.sleep(0.3)
+        return sigmoid(self.du(phi1, phi2))
+'''
+
+
+def _children(pid):
+    import glob
+
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.split("/")[2]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_loky_workers_exit_when_the_parent_is_killed(tmp_path):
+    """SIGKILL the sweep's process: its loky workers used to keep computing for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux) to find the worker processes")
+    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
+    (tmp_path / "driver.py").write_text(SLOW_DRIVER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "slow.py"),
+                             str(tmp_path / "r.parquet")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 180
+        computing = []
+        while time.time() < deadline and len(computing) < 2:  # both workers inside a chunk
+            time.sleep(0.5)
+            workers = [p for p in _children(proc.pid) if "LokyProcess" in _cmdline(p)]
+            computing = [p for p in workers if (tmp_path / f"computing.{p}").exists()]
+            assert proc.poll() is None, "the sweep ended before its workers could be observed"
+        assert len(computing) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        alive = workers
+        while alive and time.time() < deadline:
+            time.sleep(0.25)
+            alive = [p for p in workers if _cmdline(p)]
+        assert alive == [], f"workers {alive} outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in workers:
+            if _cmdline(p):
+                os.kill(p, signal.SIGKILL)

@@ -11,7 +11,7 @@ from sim.registry import AUX_MODELS
 
 BANDIT = Bandit(BanditSpec(d=4, K=6, dx=3, scale=4.0, seed=3))
 STRENGTH = {"probit": 0.7, "heavy-tail": 0.7, "mixture": 1.0, "flip": 0.2, "hetero": 1.0, "intransitive": 1.0,
-            "nonlinear": 1.0, "position": 1.0, "ties": 2.0}
+            "nonlinear": 1.0, "position": 1.0, "ties": 2.0, "prompt-type": 1.0, "context-mixture": 1.0}
 
 
 def _pairs(rng, size=500, d=4, dx=3):
@@ -63,6 +63,47 @@ def test_sampled_labels_have_mean_p_and_variance_label_var(name):
     assert abs(Z.var() - var) < 4.5 * np.sqrt((fourth - var**2) / Z.size) + 1e-12
     if name == "ties":
         assert set(np.unique(Z)) <= {0.0, 0.5, 1.0} and np.mean(Z == 0.5) > 0.01
+
+
+def test_prompt_type_family_weights_and_types():
+    """prompt-type: the annotator type is a function of the prompt (w in {0, 1}, set by gamma . x);
+    context-mixture: a smooth weight sigma(2 gamma . x). Both mix the two mixture-style types."""
+    x, a, b = _pairs(np.random.default_rng(4))
+    hard = make_scenario("prompt-type:1.0", BANDIT)
+    soft = make_scenario("context-mixture:1.0", BANDIT)
+    w = hard.weight(x)
+    assert set(np.unique(w)) == {0.0, 1.0}
+    np.testing.assert_array_equal(w, (x @ hard.gamma > 0).astype(float))
+    t1, t2 = expit((a - b) @ hard.types[0]), expit((a - b) @ hard.types[1])
+    np.testing.assert_allclose(hard.p_star(x, a, b), np.where(w == 1, t1, t2), rtol=1e-12)
+    ws = soft.weight(x)
+    np.testing.assert_allclose(ws, expit(2.0 * (x @ soft.gamma)), rtol=1e-12)
+    assert 0 < ws.min() and ws.max() < 1
+    for sc in (hard, soft):
+        # types theta_0 +- kappa |theta_0| v with v orthogonal to theta_0, and unit gamma
+        np.testing.assert_allclose(sc.types.mean(0), BANDIT.theta_0, rtol=1e-12)
+        v = sc.types[0] - BANDIT.theta_0
+        assert abs(v @ BANDIT.theta_0) < 1e-9 * np.linalg.norm(BANDIT.theta_0) ** 2
+        np.testing.assert_allclose(np.linalg.norm(v), np.linalg.norm(BANDIT.theta_0), rtol=1e-12)
+        assert np.linalg.norm(sc.gamma) == pytest.approx(1.0)
+    # a context-independent reference: same prompt, two arms, the type does not depend on the arms
+    assert np.all(hard.weight(np.repeat(x[:1], 5, 0)) == w[0])
+
+
+def test_prompt_type_has_a_large_between_prompt_residual():
+    """The family exists to make Var_x E[m|x] large (METHOD.md s3): its share of Var(m) is far
+    above that of the plain two-type mixture (exact sums over arms, 400 contexts)."""
+    from analysis.theory import population_theory
+
+    spec = BanditSpec(d=4, K=6, dx=3, scale=6.0, seed=3)
+    share = {}
+    for s in ("mixture:1.0", "prompt-type:1.0"):
+        th = population_theory(spec, s, "oracle", M=4, n_ctx=400, n_batches=4)
+        same = th.Sigma(0.0) - th.Sigma(1.0)  # (1 - 1/M) E_x Var(m|x)
+        fresh = th.variant(aux_prompts="fresh").Sigma(0.0) - th.variant(aux_prompts="fresh").Sigma(1.0)  # (1-1/M) Var(m)
+        share[s] = 1.0 - np.trace(same) / np.trace(fresh)  # Var_x E[m|x] / Var(m)
+    assert share["prompt-type:1.0"] > 0.15
+    assert share["prompt-type:1.0"] > 2 * share["mixture:1.0"]
 
 
 def test_bad_kappa_and_unknown_names():
@@ -144,12 +185,25 @@ def test_learned_g_is_cross_fitted():
 
 
 def test_self_g_makes_vr_equal_to_mle_exactly():
-    """The BT-MLE solves the VR estimating equation when g is the MLE's own sigma(delta)."""
+    """The BT-MLE solves the VR estimating equation when g is the MLE's own sigma(delta): the VR
+    gradient (public vrpo.pair_score pieces) vanishes at the MLE, and Newton on L_VR started at
+    theta = 0 (not at the MLE, where fit_bt's VR fit starts) lands on it."""
+    from vrpo.variance import pair_hessian, pair_score
+
     sc, data = _batch(R=3, n=400)
     g, ga = make_aux("self", sc)(data, [None] * 3)
     mle = vrpo.fit_bt(data.X, data.Z, lam=0)
-    vr = vrpo.fit_bt(data.X, data.Z, g, data.X_aux, ga, lam=1.0)
-    np.testing.assert_allclose(vr.theta, mle.theta, atol=1e-9)
+    R, n, M, d = data.X_aux.shape
+    Xa, gaf = data.X_aux.reshape(R, n * M, d), ga.reshape(R, n * M)
+
+    def grad(th):  # d L_VR / d theta at lam = 1: mean (g - Z) X + mean (s_a - g_a) X_a
+        return (pair_score(th, data.X, data.Z) - pair_score(th, data.X, g)).mean(1) + pair_score(th, Xa, gaf).mean(1)
+
+    assert np.max(np.abs(grad(mle.theta))) < 1e-10
+    th = np.zeros((R, d))
+    for _ in range(30):  # plain Newton on the (convex) lam = 1 objective; its Hessian is the extra pairs'
+        th = th - np.linalg.solve(pair_hessian(th, Xa), grad(th)[..., None])[..., 0]
+    np.testing.assert_allclose(th, mle.theta, atol=1e-9)
 
 
 # ----------------------------------------------------------------- policies

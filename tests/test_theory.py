@@ -128,15 +128,18 @@ def test_self_g_limit_gives_the_mle():
 
 
 def test_self_g_vr_equals_mle_in_finite_samples():
-    """The MLE solves the VR estimating equation when g is its own sigma(theta_hat . X)."""
-    bandit = Bandit(SPEC)
-    scen = make_scenario("mixture:1.0", bandit)
-    data = PairData.stack([sample_pairs(np.random.default_rng(r), bandit, scen, 300, 4) for r in range(5)])
-    g, ga = make_aux("self", scen)(data, [np.random.default_rng(0)] * 5)
-    mle = vrpo.fit_bt(data.X, data.Z, lam=0)
-    for lam in (0.5, 1.0):
-        vr = vrpo.fit_bt(data.X, data.Z, g, data.X_aux, ga, lam=lam)
-        np.testing.assert_allclose(vr.theta, mle.theta, atol=1e-9)
+    """The MLE solves the VR estimating equation when g is its own sigma(theta_hat . X).
+
+    Checked from a start that is *not* the MLE (fit_bt starts its VR fit at the MLE pilot, where
+    the equality would hold at iteration 0): L_VR is minimised from theta = 0 by scipy's
+    trust-exact solver. A perturbed g must move the minimiser (the check can fail).
+    """
+    from analysis.validate import self_g_identity
+
+    res = self_g_identity(reps=4, n=300)
+    assert res["start"] == "theta = 0"
+    assert res["max_diff"] <= res["tol"] == 1e-7
+    assert res["control_diff"] > 1e-3
 
 
 def test_noisy_g_quadrature_matches_monte_carlo_and_adaptive_quadrature():

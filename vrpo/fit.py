@@ -17,10 +17,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import expit
-from scipy.stats import norm
+from scipy.special import expit, ndtri
 
-from .variance import VarianceParts, _inv_psd, margins, xtwx
+from .separation import STATUS_HELP, certify, diagnose
+from .solver import STOP_MAX_ITER, STOP_RULE, STOP_THETA_MAX, Blocks, _sigmoid, evaluate, gradient, minimise
+from .variance import VarianceParts, _inv_psd, margins, pair_hessian, xtwx
 
 __all__ = ["fit_bt", "fit_bt_population", "FitResult", "VRPOInputError", "ConvergenceWarning"]
 
@@ -43,13 +44,20 @@ class FitResult:
     cov : (..., d, d) sandwich estimate of ``Cov(theta_hat)`` (= V / n), clustered by
         prompt when extra pairs share the labelled prompt.
     lam : (...,) the ``lam`` used (the power-tuned value for ``lam="auto"``).
-    converged : (...,) bool; ``False`` flags a fit without a finite minimiser or one
-        that did not converge: separable samples (BT-MLE), or, for ``lam > 0``, an
-        objective unbounded below in this sample (the labelled pairs carry only
-        ``1 - lam`` of the curvature, none at ``lam = 1``, so with a poor ``g`` the
-        linear correction term can dominate), or a non-convex objective
-        (``lam > 1``). ``theta`` is then the last iterate with
-        ``max|theta| <= 1e6`` (finite, not an estimate) and ``cov`` is NaN.
+    converged : (...,) bool; ``True`` only where a finite minimiser is *certified*
+        near ``theta`` (:func:`vrpo.separation.certify`; for ``lam > 1``, where the
+        objective is non-convex, a strict local minimiser), never merely because a
+        stopping rule fired. ``False`` flags a fit without a finite minimiser or one
+        that did not reach it; ``status`` says which. ``theta`` is then the last iterate
+        with ``max|theta| <= theta_max`` (finite, not an estimate) and ``cov`` is NaN.
+    status : (...,) str, one of :data:`vrpo.separation.STATUS_HELP`: ``"converged"``;
+        ``"separable"`` (an LP finds a direction along which the objective keeps
+        decreasing: separated labels, 0/1 or soft); ``"unbounded"`` (``lam > 0``: the
+        objective is unbounded below in this sample, because the labelled pairs carry
+        only ``1 - lam`` of the curvature and with a poor ``g`` the linear correction
+        term dominates); ``"rank_deficient"`` (zero or collinear feature columns);
+        ``"theta_max"`` (a minimiser beyond ``theta_max``: badly scaled features);
+        ``"max_iter"``; ``"not_certified"``.
     n_iter : (...,) Newton iterations used (the final fit for ``lam="auto"``).
     hessian : (..., d, d) the Hessian estimate ``H_hat`` used in the sandwich: pooled
         over labelled and extra pairs, labelled pairs only where ``lam == 0``.
@@ -67,6 +75,7 @@ class FitResult:
     parts: VarianceParts = field(repr=False)
     n: int = 0
     aux: str = "none"
+    status: np.ndarray | None = None
 
     @property
     def se(self) -> np.ndarray:
@@ -77,7 +86,7 @@ class FitResult:
         """Two-sided Wald intervals ``theta +- z_{1-alpha/2} se``; ``(..., d, 2)``."""
         if not 0.0 < alpha < 1.0:
             raise VRPOInputError(f"alpha must be in (0, 1), got {alpha!r}")
-        z = norm.ppf(1.0 - alpha / 2.0)
+        z = ndtri(1.0 - alpha / 2.0)  # the normal quantile (scipy.stats is a second of import time)
         half = z * self.se
         return np.stack([self.theta - half, self.theta + half], axis=-1)
 
@@ -85,12 +94,31 @@ class FitResult:
 # --------------------------------------------------------------------------- validation
 
 
-def _as_float(name, a):
+def _as_float(name, a, check_finite=True):
+    """``a`` as a float64 array, or a :class:`VRPOInputError` naming what is wrong with it.
+
+    ``check_finite=False`` leaves the NaN/inf check to the caller (``X_aux``: checked
+    chunk by chunk through the column maxima the fit computes anyway)."""
+    if a is None:
+        raise VRPOInputError(f"{name} is required (got None)")
     try:
-        arr = np.asarray(a, dtype=float)
+        arr = np.asarray(a)
     except (TypeError, ValueError) as e:
         raise VRPOInputError(f"{name} must be a numeric array: {e}") from None
-    if not np.all(np.isfinite(arr)):
+    if np.iscomplexobj(arr):
+        raise VRPOInputError(f"{name} is complex (dtype {arr.dtype}); fit_bt needs real numbers")
+    if arr.dtype == object:
+        if any(v is None for v in arr.flat):
+            raise VRPOInputError(f"{name} must be a numeric array; it contains None")
+        if any(isinstance(v, complex) for v in arr.flat):
+            raise VRPOInputError(f"{name} is complex; fit_bt needs real numbers")
+    if arr.dtype.kind not in "biuf":
+        try:
+            arr = arr.astype(float)
+        except (TypeError, ValueError) as e:
+            raise VRPOInputError(f"{name} must be a numeric array (got dtype {arr.dtype}): {e}") from None
+    arr = arr.astype(float, copy=False)
+    if check_finite and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise VRPOInputError(f"{name} contains {bad} NaN or infinite value(s)")
     return arr
@@ -98,8 +126,10 @@ def _as_float(name, a):
 
 def _check_prob(name, a):
     if a.size and (a.min() < 0.0 or a.max() > 1.0):
+        k = int(np.count_nonzero((a < 0.0) | (a > 1.0)))
         raise VRPOInputError(
-            f"{name} must lie in [0, 1] (labels or probabilities); found values in [{a.min():.4g}, {a.max():.4g}]"
+            f"{name} must lie in [0, 1] (labels or probabilities); {k} value(s) outside, "
+            f"range [{float(a.min())!r}, {float(a.max())!r}]"
         )
 
 
@@ -138,7 +168,7 @@ def _validate(X, Z, g, X_aux, g_aux, lam):
     if g.shape != Z.shape:
         raise VRPOInputError(f"g must have the shape of Z {Z.shape}; got {g.shape}")
     _check_prob("g", g)
-    X_aux = _as_float("X_aux", X_aux)
+    X_aux = _as_float("X_aux", X_aux, check_finite=False)  # finiteness: see fit_bt (column maxima)
     g_aux = _as_float("g_aux", g_aux)
     if X_aux.shape[-1:] != (d,):
         raise VRPOInputError(f"X_aux must end in the feature axis d = {d}; got shape {X_aux.shape}")
@@ -171,175 +201,22 @@ def _validate(X, Z, g, X_aux, g_aux, lam):
 # --------------------------------------------------------------------------- objective
 
 
-@dataclass
-class _Blocks:
-    """Rows of the objective for W replications: lists of ``(XT, c, t)``.
-
-    ``XT (W, d, rows)`` is stored transposed and C-contiguous so that the margin,
-    gradient and Hessian products are single batched BLAS calls over contiguous rows.
-    """
-
-    XT: list  # each (W, d, rows) float64
-    c: list  # each (W, rows)
-    t: list  # each (W, rows)
-    XT32: list  # float32 copies of XT, for the Hessian
-
-    @classmethod
-    def from_rows(cls, Xs, cs, ts):
-        XT = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in Xs]
-        return cls(XT, list(cs), list(ts), [x.astype(np.float32) for x in XT])
-
-    def take(self, idx):
-        return _Blocks(*([a[idx] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
-
-    def slice(self, i, j):
-        return _Blocks(*([a[i:j] for a in arrs] for arrs in (self.XT, self.c, self.t, self.XT32)))
-
-
 def _objective_blocks(X, Z, g, Xa, ga, lam):
-    """Rows of ``F`` (module docstring); ``lam``: ``(R,)``; arrays flattened to R."""
+    """Rows of ``F`` (module docstring) for flattened replications: ``X (R, n, d)``,
+    ``Xa (R, N_aux, d)`` or None, ``lam (R,)``. A :class:`vrpo.solver.Blocks`."""
     n = X.shape[1]
-    lam_ = lam[:, None]
+    R = X.shape[0]
     if Xa is None:
-        return _Blocks.from_rows([X], [np.full(Z.shape, 1.0 / n)], [Z / n])
+        return Blocks.from_rows([X], [np.full(R, 1.0 / n)], [Z / n])
     Na = Xa.shape[1]
-    return _Blocks.from_rows(
-        [X, Xa],
-        [np.broadcast_to((1.0 - lam_) / n, Z.shape), np.broadcast_to(lam_ / Na, ga.shape)],
-        [(Z - lam_ * g) / n, lam_ * ga / Na],
-    )
-
-
-_CACHE_BYTES = 2**21  # per-chunk working set of _eval (fits in L2 on common CPUs)
+    lam_ = np.asarray(lam, dtype=float)[:, None]
+    return Blocks.from_rows([X, Xa], [(1.0 - lam_) / n, lam_ / Na], [(Z - lam_ * g) / n, lam_ * ga / Na])
 
 
 def _eval(blocks, theta, ridge, order):
-    """Objective value, gradient (order>=1) and Hessian (order>=2) per replication.
-
-    Evaluated over chunks of replications small enough to stay in cache (the
-    products are memory-bound; chunking is about 2x faster than one pass).
-    """
-    W, d = theta.shape
-    rows = sum(x.shape[2] for x in blocks.XT)
-    B = max(1, _CACHE_BYTES // (8 * d * rows))
-    if B >= W:
-        return _eval_dense(blocks, theta, ridge, order)
-    out = [
-        _eval_dense(blocks.slice(i, i + B), theta[i:i + B], ridge, order)
-        for i in range(0, W, B)
-    ]
-    return tuple(None if z[0] is None else np.concatenate(z) for z in zip(*out))
-
-
-def _eval_dense(blocks, theta, ridge, order):
-    f = 0.5 * ridge * np.sum(theta**2, axis=-1)
-    grad = ridge * theta if order >= 1 else None
-    hess = None
-    if order >= 2:
-        hess = np.broadcast_to(ridge * np.eye(theta.shape[-1]), theta.shape + theta.shape[-1:]).copy()
-    for XT, c, t, XT32 in zip(blocks.XT, blocks.c, blocks.t, blocks.XT32):
-        delta = np.matmul(theta[:, None, :], XT)[:, 0, :]  # (W, rows)
-        softplus = np.maximum(delta, 0.0) + np.log1p(np.exp(-np.abs(delta)))
-        f = f + np.sum(c * softplus - t * delta, axis=-1)
-        if order >= 1:
-            with np.errstate(over="ignore"):
-                s = 1.0 / (1.0 + np.exp(-delta))  # sigmoid; exp overflow gives the exact limit 0
-            grad = grad + np.matmul(XT, (c * s - t)[..., None])[..., 0]  # (W, d)
-        if order >= 2:
-            # The Hessian only steers Newton's steps (the fixed point is set by the
-            # float64 gradient), so it is formed in float32: half the memory traffic.
-            w = (c * s * (1.0 - s)).astype(np.float32)  # (W, rows)
-            hess = hess + np.matmul(XT32 * w[:, None, :], np.swapaxes(XT32, 1, 2)).astype(float)  # (W, d, d)
-    return f, grad, hess
-
-
-def _newton_step(grad, hess):
-    """``-H^-1 grad`` with a tiny ridge so singular Hessians stay solvable."""
-    d = grad.shape[-1]
-    scale = np.trace(hess, axis1=1, axis2=2)[:, None, None] / d
-    jitter = 1e-12 * np.maximum(scale, 1e-300)
-    try:
-        return -np.linalg.solve(hess + jitter * np.eye(d), grad[..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        return -np.matmul(np.linalg.pinv(hess, hermitian=True), grad[..., None])[..., 0]
-
-
-def _armijo(f_new, f, alpha, slope):
-    return np.isfinite(f_new) & (f_new <= f + 1e-4 * alpha * slope + 1e-15 * np.abs(f))
-
-
-def _newton(blocks, theta0, ridge, tol, max_iter, theta_max=1e6):
-    """Damped Newton with Armijo backtracking, batched over replications.
-
-    Each iteration evaluates value, gradient and Hessian once, at the full Newton
-    step; only replications failing the Armijo test backtrack. Converged when the
-    step satisfies ``max|step| <= tol (1 + max|theta|)``; a replication whose next
-    full step would take ``max|theta|`` past ``theta_max`` stops at its last iterate
-    as not converged (unbounded objective), as does one whose line search fails. Finished replications are
-    dropped from the working set once they are the majority. Returns
-    ``(theta, converged, n_iter)``.
-    """
-    R, d = theta0.shape
-    theta = theta0.astype(float).copy()
-    converged = np.zeros(R, dtype=bool)
-    n_iter = np.zeros(R, dtype=int)
-    widx = np.arange(R)  # replications held in `work`
-    work = blocks
-    th = theta.copy()  # (W, d)
-    live = np.ones(R, dtype=bool)  # (W,) still iterating
-    f, grad, hess = _eval(work, th, ridge, 2)
-    for it in range(1, max_iter + 1):
-        step = _newton_step(grad, hess)
-        slope = np.sum(grad * step, axis=-1)
-        bad = ~(slope < 0)  # non-descent (possible only for lam > 1): gradient step
-        step[bad] = -grad[bad]
-        slope[bad] = -np.sum(grad[bad] ** 2, axis=-1)
-        # A full step beyond theta_max means the objective is unbounded below along a
-        # direction (separation for the MLE; for lam > 0 also a finite-sample property
-        # of L_VR): stop that replication at its last iterate instead of stepping.
-        over = live & (np.max(np.abs(th + step), axis=-1) > theta_max)
-        step[~live | over] = 0.0
-        slope[~live | over] = 0.0
-        cand = th + step
-        fc, gc, hc = _eval(work, cand, ridge, 2)
-        ok = ~live | _armijo(fc, f, 1.0, slope)
-        failed = np.zeros_like(live)
-        alpha = np.ones(len(th))
-        back = np.flatnonzero(~ok)
-        if back.size:
-            sub = work.take(back)
-            a = np.full(back.size, 0.5)
-            need = np.arange(back.size)
-            for _ in range(50):
-                b = back[need]
-                f2, _, _ = _eval(sub.take(need), th[b] + a[need, None] * step[b], ridge, 0)
-                good = _armijo(f2, f[b], a[need], slope[b])
-                need = need[~good]
-                if need.size == 0:
-                    break
-                a[need] *= 0.5
-            failed[back[need]] = True
-            a[need] = 0.0
-            alpha[back] = a
-            cand[back] = th[back] + a[:, None] * step[back]
-            f2, g2, h2 = _eval(sub, cand[back], ridge, 2)
-            fc[back], gc[back], hc[back] = f2, g2, h2
-        moved = np.max(np.abs(alpha[:, None] * step), axis=-1)
-        th, f, grad, hess = cand, fc, gc, hc
-        n_iter[widx[live]] = it
-        done = live & ~failed & ((moved <= tol * (1.0 + np.max(np.abs(th), axis=-1))) | (np.abs(slope) < 1e-30))
-        done &= ~over
-        stop = done | (live & (failed | over))
-        converged[widx[done]] = True
-        live &= ~stop
-        theta[widx] = th
-        if not live.any():
-            break
-        if live.sum() <= 0.5 * len(widx):
-            keep = np.flatnonzero(live)
-            work, widx, th = work.take(keep), widx[keep], th[keep]
-            f, grad, hess, live = f[keep], grad[keep], hess[keep], live[keep]
-    return theta, converged, n_iter
+    """Objective value, gradient (``order >= 1``) and Hessian (``order >= 2``) per
+    replication: the evaluation the solver iterates on (:func:`vrpo.solver.evaluate`)."""
+    return evaluate(blocks, theta, ridge, order)
 
 
 # --------------------------------------------------------------------------- scores
@@ -363,6 +240,11 @@ def _lab_where_lam0(H_pooled, H_lab, lam):
 
 
 def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
+    """``(parts, H)`` of :func:`_sandwich` (the sandwich ingredients and its Hessian)."""
+    return _sandwich(theta, X, Z, g, Xa, ga, mode, ridge, lam)[:2]
+
+
+def _sandwich(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     """Sandwich ingredients at ``theta`` (flattened R); see :mod:`vrpo.variance`.
 
     Scores: ``a = (s - Z) X``, ``b = -(s - g) X [+ mean_m (s_m - g_m) X_m]``,
@@ -370,6 +252,9 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     (all drawn from the same distribution), except for replications with
     ``lam == 0`` (``lam``: ``(R,)`` or None), which use the labelled pairs only,
     so a fit at ``lam = 0`` (fixed, or power-tuned to 0) is exactly BT-MLE.
+
+    Returns ``(parts, H, H_obj)``: ``H_obj`` is the float64 Hessian of the objective
+    at ``theta`` (``(1 - lam) H_lab + lam H_aux + ridge``; BT-MLE's where ``lam`` is None).
     """
     R, n, d = X.shape
     s = expit(margins(theta, X))  # (R, n)
@@ -380,7 +265,7 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
         H = H_lab + eye
         S0 = _cov_scaled(X, ra, ra)
         zero = np.zeros_like(S0)
-        return VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), H
+        return VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), H, H
     rb = -(s - g)
     if mode == "same":
         M = Xa.shape[2]
@@ -391,7 +276,7 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
         a = ra[..., None] * X  # (R, n, d)
         b = rb[..., None] * X + e
         H = _lab_where_lam0((H_lab + M * H_aux) / (1.0 + M) + eye, H_lab + eye, lam)
-        return VarianceParts.from_scores(H, a, b), H
+        return VarianceParts.from_scores(H, a, b), H, _objective_hessian(H_lab, H_aux, eye, lam)
     N = Xa.shape[1]
     sa = expit(margins(theta, Xa))  # (R, N)
     rc = sa - ga
@@ -399,7 +284,168 @@ def _variance_parts(theta, X, Z, g, Xa, ga, mode, ridge, lam=None):
     H = _lab_where_lam0((n * H_lab + N * H_aux) / (n + N) + eye, H_lab + eye, lam)
     Cab = _cov_scaled(X, ra, rb)
     S2 = _cov_scaled(X, rb, rb) + (n / N) * _cov_scaled(Xa, rc, rc)
-    return VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n), H
+    parts = VarianceParts(A=_inv_psd(H), S0=_cov_scaled(X, ra, ra), S1=Cab + np.swapaxes(Cab, 1, 2), S2=S2, n=n)
+    return parts, H, _objective_hessian(H_lab, H_aux, eye, lam)
+
+
+def _objective_hessian(H_lab, H_aux, eye, lam):
+    if lam is None:
+        return H_lab + eye
+    lam = np.asarray(lam, dtype=float)[:, None, None]
+    return (1.0 - lam) * H_lab + lam * H_aux + eye
+
+
+# --------------------------------------------------------------------------- the fit, chunk by chunk
+
+_CHUNK_BYTES = 2**22  # rows of one chunk of replications (transposed copies): stays in cache (L2/L3)
+_PILOT_FIXED_LAM = False  # fixed lam: start at the BT-MLE pilot? (measured: no faster than theta0 = 0)
+
+
+class _NonFinite(Exception):
+    """A chunk met NaN or infinite features (reported by :func:`fit_bt` with a count)."""
+
+
+class _Outputs:
+    """Per-replication results of :func:`_fit_chunk`, filled chunk by chunk."""
+
+    def __init__(self, R, d):
+        z = lambda *shape: np.zeros((R,) + shape)  # noqa: E731
+        self.theta, self.grad, self.colmax_lab, self.colmax_aux = z(d), z(d), z(d), z(d)
+        self.A, self.S0, self.S1, self.S2, self.H, self.H_obj = (z(d, d) for _ in range(6))
+        self.lam = z()
+        self.stop = np.zeros(R, dtype=int)
+        self.n_iter = np.zeros(R, dtype=int)
+        self.pilot_cert = np.ones(R, dtype=bool)
+        self.pilot_stop = np.zeros(R, dtype=int)
+
+
+def _colmax(XT):
+    """``max_rows |x_rj|``, ``(W, d)`` (NaN propagates, so it doubles as a finiteness check)."""
+    return np.maximum(np.max(XT, axis=2), -np.min(XT, axis=2))
+
+
+def _fit_chunk(*args):
+    """Fit replications ``sl`` (pilot, lam, VR fit, sandwich) while their rows are in cache."""
+    with np.errstate(over="ignore"):  # sigmoid's exp(-delta) overflows to the exact limit
+        _fit_chunk_body(*args)
+
+
+def _fit_chunk_body(out, sl, X, Z, g, Xa_rows, ga_rows, mode, lam_fixed, th0, ridge, tol, max_iter, theta_max,
+                    lam_coord, have_theta0):
+    n, d = X.shape[1:]
+    XT = np.ascontiguousarray(np.swapaxes(X[sl], 1, 2))  # (W, d, n)
+    Zc = Z[sl]
+    W = XT.shape[0]
+    out.colmax_lab[sl] = _colmax(XT)
+    start = th0[sl]
+    if mode == "none":
+        B = Blocks.from_rows([XT], [np.full(W, 1.0 / n)], [Zc / n], transposed=True)
+        theta, stop, it = minimise(B, start, ridge, tol, max_iter, theta_max)
+        lam = np.zeros(W)
+        fin = _final_chunk(theta, XT, Zc, None, None, None, mode, lam, ridge)
+    else:
+        gc, gac = g[sl], ga_rows[sl]
+        XTa = np.ascontiguousarray(np.swapaxes(Xa_rows[sl], 1, 2))  # (W, d, N_aux)
+        out.colmax_aux[sl] = _colmax(XTa)
+        if not np.all(np.isfinite(out.colmax_aux[sl])):
+            raise _NonFinite("X_aux")
+        Na = XTa.shape[2]
+        if lam_fixed is None or (_PILOT_FIXED_LAM and not have_theta0):
+            # BT-MLE pilot on the labelled pairs (n rows): where lam="auto" is estimated,
+            # and the starting point of the VR fit
+            Bp = Blocks.from_rows([XT], [np.full(W, 1.0 / n)], [Zc / n], transposed=True)
+            pilot, stop_p, _ = minimise(Bp, start, ridge, tol, max_iter, theta_max)
+            if lam_fixed is None:
+                fin_p = _final_chunk(pilot, XT, Zc, gc, XTa, gac, mode, None, ridge)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    lam = fin_p["parts"].lam_opt(coord=lam_coord)
+                cert_p = (stop_p == STOP_RULE) & certify(fin_p["grad"], fin_p["H_obj"], out.colmax_lab[sl], ridge)
+                out.pilot_cert[sl], out.pilot_stop[sl] = cert_p, stop_p
+                lam = np.where(cert_p, lam, 0.0)
+                start = np.where(cert_p[:, None], pilot, start)
+            else:
+                # a pilot that did not stop by the rule is a poor start: those keep theta0
+                start = np.where((stop_p == STOP_RULE)[:, None], pilot, start)
+        if lam_fixed is not None:
+            lam = lam_fixed[sl]
+        lam_ = lam[:, None]
+        B = Blocks.from_rows([XT, XTa], [(1.0 - lam) / n, lam / Na], [(Zc - lam_ * gc) / n, lam_ * gac / Na],
+                             transposed=True)
+        theta, stop, it = minimise(B, start, ridge, tol, max_iter, theta_max)
+        fin = _final_chunk(theta, XT, Zc, gc, XTa, gac, mode, lam, ridge)
+    parts = fin["parts"]
+    out.theta[sl], out.stop[sl], out.n_iter[sl], out.lam[sl] = theta, stop, it, lam
+    out.grad[sl], out.H[sl], out.H_obj[sl] = fin["grad"], fin["H"], fin["H_obj"]
+    out.A[sl], out.S0[sl], out.S1[sl], out.S2[sl] = parts.A, parts.S0, parts.S1, parts.S2
+
+
+def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge):
+    """Everything at the returned ``theta`` of a chunk, from the cached transposed rows.
+
+    The sandwich of :func:`_sandwich` (same scores, same Hessian; shapes ``XT (W, d, n)``,
+    ``XTa (W, d, N_aux)`` with the ``M`` extra pairs of prompt ``i`` in columns
+    ``i M .. i M + M - 1``), the objective's float64 Hessian ``H_obj`` and gradient
+    ``grad`` (BT-MLE's where ``lam`` is None). Returns a dict.
+    """
+    W, d, n = XT.shape
+    eye = ridge * np.eye(d)
+    s = _sigmoid(np.matmul(theta[:, None, :], XT)[:, 0, :])  # (W, n)
+    ra = s - Z
+    if mode == "none" or g is None:
+        w = np.stack([s * (1.0 - s), ra * ra], axis=1) / n  # (W, 2, n)
+        G = np.matmul(XT[:, None] * w[:, :, None, :], np.swapaxes(XT, 1, 2)[:, None])  # (W, 2, d, d)
+        mu_a = np.matmul(XT, ra[..., None])[..., 0] / n  # (W, d)
+        H = G[:, 0] + eye
+        zero = np.zeros_like(H)
+        S0 = G[:, 1] - mu_a[:, :, None] * mu_a[:, None, :]
+        grad = mu_a + ridge * theta
+        return {"parts": VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), "H": H, "H_obj": H, "grad": grad}
+    Na = XTa.shape[2]
+    sa = _sigmoid(np.matmul(theta[:, None, :], XTa)[:, 0, :])  # (W, N_aux)
+    rc = sa - ga
+    rb = g - s  # -(s - g)
+    Ga = np.matmul(XTa[:, None] * (np.stack([sa * (1.0 - sa), rc * rc], axis=1) / Na)[:, :, None, :],
+                   np.swapaxes(XTa, 1, 2)[:, None])  # (W, 2, d, d): H_aux and E[rc^2 x x^T]
+    H_aux = Ga[:, 0]
+    q = np.matmul(XTa, np.stack([sa, rc], axis=2)) / Na  # (W, d, 2): mean sa x and mean rc x
+    mu_c = q[..., 1]
+    if mode == "same":
+        M = Na // n
+        E = (XTa * rc[:, None, :]).reshape(W, d, n, M).sum(axis=3) / M  # (W, d, n): mean_m rc x per prompt
+        Ua = XT * ra[:, None, :]  # (W, d, n) scores a
+        Ub = XT * rb[:, None, :] + E  # (W, d, n) scores b
+        U = np.concatenate([Ua, Ub], axis=1)  # (W, 2d, n)
+        mu = U.mean(axis=2)  # (W, 2d)
+        C = np.matmul(U, np.swapaxes(U, 1, 2)) / n - mu[:, :, None] * mu[:, None, :]  # (W, 2d, 2d)
+        S0, Cab, S2 = C[:, :d, :d], C[:, :d, d:], C[:, d:, d:]
+        H_lab = np.matmul(XT * (s * (1.0 - s) / n)[:, None, :], np.swapaxes(XT, 1, 2))
+        H_pool = (H_lab + M * H_aux) / (1.0 + M)
+        mu_a = mu[:, :d]
+    else:
+        w = np.stack([s * (1.0 - s), ra * ra, ra * rb, rb * rb], axis=1) / n  # (W, 4, n)
+        G = np.matmul(XT[:, None] * w[:, :, None, :], np.swapaxes(XT, 1, 2)[:, None])  # (W, 4, d, d)
+        m = np.matmul(XT, np.stack([ra, rb], axis=2)) / n  # (W, d, 2)
+        mu_a, mu_b = m[..., 0], m[..., 1]
+        H_lab = G[:, 0]
+        S0 = G[:, 1] - mu_a[:, :, None] * mu_a[:, None, :]
+        Cab = G[:, 2] - mu_a[:, :, None] * mu_b[:, None, :]
+        S2 = G[:, 3] - mu_b[:, :, None] * mu_b[:, None, :] + (n / Na) * (Ga[:, 1] - mu_c[:, :, None] * mu_c[:, None, :])
+        H_pool = (n * H_lab + Na * H_aux) / (n + Na)
+    S1 = Cab + np.swapaxes(Cab, 1, 2)
+    if lam is None:  # the BT-MLE pilot: pooled Hessian in the sandwich, MLE objective
+        H = H_pool + eye
+        H_obj = H_lab + eye
+        grad = mu_a + ridge * theta
+    else:
+        lam_ = lam[:, None, None]
+        H = np.where(lam_ == 0, H_lab, H_pool) + eye
+        H_obj = (1.0 - lam_) * H_lab + lam_ * H_aux + eye
+        # grad of (1-lam)/n sum softplus - (Z - lam g)/n . delta + lam/Na sum (softplus - ga delta)
+        #   = mean (s - Z) x + lam mean (g - s) x + lam mean (sa - ga) x
+        mu_b_lab = np.matmul(XT, rb[..., None])[..., 0] / n if mode == "same" else mu_b
+        grad = mu_a + lam[:, None] * (mu_b_lab + mu_c) + ridge * theta
+    parts = VarianceParts(A=_inv_psd(H), S0=S0, S1=S1, S2=S2, n=n)
+    return {"parts": parts, "H": H, "H_obj": H_obj, "grad": grad}
 
 
 # --------------------------------------------------------------------------- public API
@@ -418,6 +464,7 @@ def fit_bt(
     tol: float = 1e-10,
     max_iter: int = 100,
     theta0=None,
+    theta_max: float = 1e6,
     warn: bool = True,
 ) -> FitResult:
     """Fit the BT reward ``theta`` by BT-MLE, VR or power-tuned VR, batched.
@@ -437,23 +484,51 @@ def fit_bt(
         ``lam > 1`` is allowed but the objective may then be non-convex.
     ridge : L2 penalty ``ridge/2 |theta|^2`` on the (mean-normalised) objective;
         0 (default) means none.
+    lam_coord : with ``lam="auto"``, tune for coordinate ``lam_coord`` (an integer in
+        ``[-d, d)``) instead of the trace.
     tol, max_iter : Newton stopping rule (step ``<= tol (1 + |theta|_inf)``).
-    theta0 : (..., d) starting point (default zeros).
-    warn : emit a :class:`ConvergenceWarning` when replications fail to converge.
+    theta0 : (d,) or (..., d) starting point (default zeros), ``max|theta0| <= theta_max``.
+    theta_max : bound on ``max|theta|``: a replication whose next step would pass it
+        stops there, flagged (no finite minimiser, or one beyond the bound).
+    warn : emit a :class:`ConvergenceWarning` when replications have no certified minimiser.
 
-    Leading ``...`` axes are independent replications solved together.
+    Leading ``...`` axes are independent replications solved together (an empty batch
+    gives empty results).
 
     Returns
     -------
     FitResult with ``theta (..., d)``, ``cov (..., d, d)``, ``lam (...,)``,
-    ``converged (...,)``, ``n_iter``, ``hessian`` and ``conf_int(alpha)``.
+    ``converged (...,)``, ``status (...,)``, ``n_iter``, ``hessian`` and ``conf_int(alpha)``.
+    ``converged`` is ``True`` only where a finite minimiser is certified
+    (:mod:`vrpo.separation`); elsewhere ``cov`` is NaN and ``status`` names the cause.
     """
     X, Z, g, Xa, ga, mode, lam_v = _validate(X, Z, g, X_aux, g_aux, lam)
-    if ridge < 0 or not np.isfinite(ridge):
+    if not (np.isfinite(ridge) and ridge >= 0):
         raise VRPOInputError(f"ridge must be a finite number >= 0; got {ridge!r}")
+    if not (isinstance(theta_max, (int, float, np.integer, np.floating)) and np.isfinite(theta_max) and theta_max > 0):
+        raise VRPOInputError(f"theta_max must be a finite number > 0; got {theta_max!r}")
     *batch, n, d = X.shape
     batch = tuple(batch)
+    if lam_coord is not None:
+        if isinstance(lam_coord, (bool, np.bool_)) or not isinstance(lam_coord, (int, np.integer)) or not (
+            -d <= lam_coord < d
+        ):
+            raise VRPOInputError(f"lam_coord must be an integer in [0, {d}) (or [-{d}, 0) from the end); got {lam_coord!r}")
+        lam_coord = int(lam_coord) % d
     R = int(np.prod(batch)) if batch else 1
+    if theta0 is None:
+        th0 = np.zeros((R, d))
+    else:
+        t0 = _as_float("theta0", theta0)
+        if t0.shape not in ((d,), batch + (d,)):
+            raise VRPOInputError(f"theta0 must have shape ({d},) or {batch + (d,)}; got {t0.shape}")
+        if t0.size and np.max(np.abs(t0)) > theta_max:
+            raise VRPOInputError(
+                f"theta0 has max|theta0| = {np.max(np.abs(t0)):g} > theta_max = {theta_max:g}; start inside the bound"
+            )
+        th0 = np.broadcast_to(t0, batch + (d,)).reshape(R, d).copy()
+    if R == 0:
+        return _empty_result(batch, d, n, mode, lam_v)
     Xf = X.reshape(R, n, d)
     Zf = Z.reshape(R, n)
     gf = g.reshape(R, n) if g is not None else None
@@ -467,44 +542,44 @@ def fit_bt(
         Xa_rows, ga_rows = Xaf.reshape(R, n * M, d), gaf.reshape(R, n * M)
     else:
         Xa_rows, ga_rows = Xaf, gaf
-    th0 = np.zeros((R, d)) if theta0 is None else _as_float("theta0", np.broadcast_to(theta0, batch + (d,))).reshape(R, d)
-
-    conv_p = np.ones(R, dtype=bool)
-    if mode == "none":
-        lam_f = np.zeros(R)
-    else:
-        # BT-MLE pilot on the labelled pairs: the starting point of the VR fit (cheap,
-        # n rows only) and, for lam="auto", where the PPI++ lam is estimated.
-        pilot, conv_p, _ = _newton(_objective_blocks(Xf, Zf, None, None, None, np.zeros(R)), th0, ridge, tol, max_iter)
-        if isinstance(lam_v, str):
-            parts, _ = _variance_parts(pilot, Xf, Zf, gf, Xaf, gaf, mode, ridge)
-            lam_f = parts.lam_opt(coord=lam_coord)
-            th0 = pilot
-        else:
-            lam_f = np.broadcast_to(lam_v, batch).reshape(R).astype(float)
-            # a separated pilot is a poor start; those replications start from theta0
-            th0 = np.where(conv_p[:, None], pilot, th0)
-            conv_p = np.ones(R, dtype=bool)
-
-    blocks = _objective_blocks(Xf, Zf, gf, Xa_rows, ga_rows, lam_f)
-    theta, converged, n_iter = _newton(blocks, th0, ridge, tol, max_iter)
-    converged &= conv_p
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        parts, H = _variance_parts(theta, Xf, Zf, gf, Xaf, gaf, mode, ridge, lam_f)
+    lam_fixed = None if isinstance(lam_v, str) else np.broadcast_to(lam_v, batch).reshape(R).astype(float)
+    # Replications are solved in chunks small enough for their rows (transposed copies)
+    # to stay in cache through every Newton iteration and the sandwich.
+    per_rep = 8 * d * (n + (0 if Xa_rows is None else Xa_rows.shape[1]))
+    W = int(max(1, min(R, _CHUNK_BYTES // per_rep)))
+    out = _Outputs(R, d)
+    try:
+        for lo in range(0, R, W):
+            sl = slice(lo, min(lo + W, R))
+            _fit_chunk(out, sl, Xf, Zf, gf, Xa_rows, ga_rows, mode, lam_fixed, th0, ridge, tol, max_iter, theta_max,
+                       lam_coord, theta0 is not None)
+    except _NonFinite:
+        _as_float("X_aux", Xa)  # raises, counting the NaN or infinite values
+    lam_f = out.lam
+    colmax = out.colmax_lab if Xa_rows is None else np.where(
+        (lam_f == 0)[:, None], out.colmax_lab,
+        np.where((lam_f == 1)[:, None], out.colmax_aux, np.maximum(out.colmax_lab, out.colmax_aux)))
+    stopped = out.stop == STOP_RULE
+    convex = lam_f <= 1.0
+    cert = stopped & certify(out.grad, out.H_obj, colmax, ridge)
+    if not convex.all():
+        cert = np.where(convex, cert, stopped & certify(out.grad, out.H_obj, colmax, ridge, convex=False))
+    status = _status(cert, out.stop, lam_f, Xf, Zf, gf, Xa_rows, ga_rows)
+    if isinstance(lam_v, str):  # a power-tuned fit stands on its BT-MLE pilot
+        pilot_ok = out.pilot_cert
+        if not pilot_ok.all():
+            status_p = _status(pilot_ok, out.pilot_stop, np.zeros(R), Xf, Zf, None, None, None)
+            status = np.where(pilot_ok, status, status_p)
+    converged = status == "converged"
+    parts = VarianceParts(A=out.A, S0=out.S0, S1=out.S1, S2=out.S2, n=n)
+    with np.errstate(over="ignore", invalid="ignore"):
         cov = parts.cov(lam_f)
     # No minimiser, no sandwich: the covariance of a non-converged fit is NaN by
-    # definition (flagged in .converged and by the warning), never a meaningless number.
+    # definition (flagged in .converged/.status and by the warning), never a meaningless number.
     cov[~converged] = np.nan
     if warn and not np.all(converged):
-        k = int(np.sum(~converged))
-        warnings.warn(
-            f"fit_bt: {k} of {R} replication(s) have no finite minimiser or did not converge in {max_iter} "
-            "Newton steps: separable samples, or (lam > 0) an objective unbounded below because the "
-            "labelled pairs carry weight (1 - lam) of the curvature and a poor g lets the linear "
-            "correction term dominate. They are flagged in .converged; their cov is NaN",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_warning_text(status, R, max_iter, theta_max), ConvergenceWarning, stacklevel=2)
+    theta, n_iter, H = out.theta, out.n_iter, out.H
 
     def unflat(a, tail=()):
         return a.reshape(batch + tail)
@@ -523,16 +598,63 @@ def fit_bt(
         parts=parts_out,
         n=n,
         aux=mode,
+        status=unflat(status),
     )
 
 
-def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200):
+def _rows(r, lam, X, Z, g, Xa_rows, ga_rows):
+    """Replication ``r``'s objective as stacked rows ``(X (rows, d), c (rows,), t (rows,))``."""
+    n = X.shape[1]
+    lam_r = float(lam[r])
+    Xs, cs, ts = [X[r]], [np.full(n, (1.0 - lam_r) / n)], [(Z[r] - (lam_r * g[r] if lam_r else 0.0)) / n]
+    if Xa_rows is not None and lam_r != 0:
+        Na = Xa_rows.shape[1]
+        Xs.append(Xa_rows[r])
+        cs.append(np.full(Na, lam_r / Na))
+        ts.append(lam_r * ga_rows[r] / Na)
+    return np.concatenate(Xs), np.concatenate(cs), np.concatenate(ts)
+
+
+def _status(cert, why, lam, X, Z, g, Xa_rows, ga_rows):
+    """``(R,)`` status strings: certified fits are ``"converged"``; the others are
+    diagnosed by the LP (:func:`vrpo.separation.diagnose`, convex objectives only)."""
+    status = np.full(cert.shape, "converged", dtype="<U14")
+    for r in np.flatnonzero(~cert):
+        cause = None
+        if lam[r] <= 1.0:
+            cause = diagnose(*_rows(r, lam, X, Z, g, Xa_rows, ga_rows))
+        if cause is None:
+            cause = {STOP_THETA_MAX: "theta_max", STOP_MAX_ITER: "max_iter"}.get(int(why[r]), "not_certified")
+        status[r] = cause
+    return status
+
+
+def _warning_text(status, R, max_iter, theta_max):
+    counts = {k: int(np.sum(status == k)) for k in STATUS_HELP if k != "converged" and np.any(status == k)}
+    k = sum(counts.values())
+    parts = "; ".join(f"{v} {s} ({STATUS_HELP[s].replace('theta_max', f'theta_max = {theta_max:g}')})"
+                      .replace("iteration limit", f"iteration limit ({max_iter})") for s, v in counts.items())
+    return (f"fit_bt: {k} of {R} replication(s) have no certified finite minimiser: {parts}. "
+            "They are flagged in .converged and .status; their cov is NaN")
+
+
+def _empty_result(batch, d, n, mode, lam_v):
+    z = lambda *tail: np.zeros(batch + tail)  # noqa: E731
+    lam = np.zeros(batch) if isinstance(lam_v, str) or mode == "none" else np.broadcast_to(lam_v, batch).astype(float)
+    return FitResult(theta=z(d), cov=z(d, d), lam=lam, converged=np.zeros(batch, dtype=bool),
+                     n_iter=np.zeros(batch, dtype=int), hessian=z(d, d),
+                     parts=VarianceParts(A=z(d, d), S0=z(d, d), S1=z(d, d), S2=z(d, d), n=n), n=n, aux=mode,
+                     status=np.zeros(batch, dtype="<U14"))
+
+
+def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, max_iter: int = 200, theta0=None):
     """BT projection of a (weighted) population: ``argmin sum_r w_r l(x_r . theta, q_r)``.
 
     ``X (rows, d)``, ``q (rows,)`` probabilities ``p*`` (or labels), ``w (rows,)``
-    non-negative weights (default equal; normalised to sum to one). This defines
-    ``theta*`` (METHOD.md s2). Raises ``VRPOInputError`` if it does not converge
-    (``p*`` separable by a BT model, e.g. deterministic preferences).
+    non-negative weights (default equal; normalised to sum to one); ``theta0 (d,)`` an
+    optional starting point (e.g. the fit on a subsample). This defines ``theta*``
+    (METHOD.md s2). Raises ``VRPOInputError`` if no minimiser is certified (``p*``
+    separable by a BT model, e.g. deterministic preferences).
     """
     X = _as_float("X", X)
     q = _as_float("q", q)
@@ -543,8 +665,11 @@ def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, m
     if w.shape != q.shape or np.any(w < 0) or w.sum() <= 0:
         raise VRPOInputError("w must be non-negative with the shape of q and a positive sum")
     w = w / w.sum()
-    blocks = _Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
-    theta, conv, _ = _newton(blocks, np.zeros((1, X.shape[1])), ridge, tol, max_iter)
-    if not conv[0]:
+    d = X.shape[1]
+    start = np.zeros((1, d)) if theta0 is None else _as_float("theta0", theta0).reshape(1, d)
+    B = Blocks.from_rows([X[None]], [w[None]], [(w * q)[None]])
+    theta, stop, _ = minimise(B, start, ridge, tol, max_iter, 1e6)
+    _, grad, H = evaluate(B, theta, ridge, 2)
+    if not (stop[0] == STOP_RULE and certify(grad, H, np.max(np.abs(X), axis=0)[None], ridge)[0]):
         raise VRPOInputError("population BT fit did not converge: p* is (nearly) separable by a BT model")
     return theta[0]

@@ -82,8 +82,11 @@ def main(args) -> int:
     if args.print_config:
         print(json.dumps(cfg.resolved(), indent=1))
         return 0
+    from llm.data import print_load_warnings
+
     try:
-        result = run(cfg)
+        with print_load_warnings("vrpo hh-reward"):  # skipped/repaired data lines, one summary line per file
+            result = run(cfg)
     except FileNotFoundError as e:
         print(f"vrpo hh-reward: {e}", file=sys.stderr)
         return 2

@@ -72,8 +72,11 @@ def _run(args) -> int:
     plot_regret_vs_n(summ, fig)
     nonconv = int(summ["nonconverged"].sum())
     if nonconv:
-        print(f"note: {nonconv} fit(s) did not converge (separable samples or an unbounded VR objective at lam=1); "
-              "they are flagged in the table's 'converged' column and excluded from the summary")
+        counts = df.loc[~df["converged"].astype(bool), "status"].value_counts()
+        why = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(f"note: {nonconv} of {len(df)} fit(s) have no certified minimiser ({why}: see vrpo.separation."
+              "STATUS_HELP); they are flagged in the table's 'converged' and 'status' columns and excluded from the "
+              "summary (column 'excluded')")
     _, meta = read_results(out)
     for s, se in meta.get("theta_star_se", {}).items():
         print(f"theta* ({s}): {np.round(meta['theta_star'][s], 4).tolist()}  Monte Carlo SE <= {max(se):.1e} "

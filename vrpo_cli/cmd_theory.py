@@ -11,7 +11,8 @@ from .cmd_run import add_config_arguments, config_from_args
 def _theory(args) -> int:
     import pandas as pd
 
-    from analysis.compare import agreement_summary, compare_table, sweep_theories
+    from analysis.compare import agreement_summary, compare_table, holm_table, sweep_theories
+    from vrpo_common.stats import p_two_sided
     from analysis.theory import theory_cached
     from analysis.figures import load_or_run
     from sim.runner import write_table
@@ -44,6 +45,11 @@ def _theory(args) -> int:
     print(table[[c for c in cols if c in table]].round(3).to_string(index=False))
     print()
     print(agreement_summary(table, n_min=args.n_min).to_string(index=False))
+    long = holm_table(table, n_min=args.n_min, alpha=args.holm_alpha)
+    print(f"\nHolm over {len(long)} comparisons at n >= {args.n_min} (family-wise {args.holm_alpha:g}): "
+          f"{int(long['rejected'].sum())} rejected; |z| > 3: {int((long['z'].abs() > 3).sum())} observed, "
+          f"{len(long) * p_two_sided(3.0):.2f} expected by chance. These cells share their labelled data across "
+          "methods and g (paired by design); `vrpo validate` runs the independent high-power checks.")
     dest = Path(args.table) if args.table else out.with_name(out.stem + "_theory_vs_sim.csv")
     write_table(table, dest, {"config": cfg.to_dict(), "theta_star": meta.get("theta_star"), "n_ctx": args.n_ctx})
     print(f"\nsweep {'read from cache' if hit else 'computed'}; total {time.time() - t0:.1f} s\ntable: {dest}")
@@ -60,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--n-ctx", type=int, default=20000, help="contexts in the theory's sample (default 20000)")
     p.add_argument("--n-batches", type=int, default=20, help="batches for the jackknife SE (default 20)")
     p.add_argument("--n-min", type=int, default=1000, help="smallest n counted in the agreement summary")
+    p.add_argument("--holm-alpha", type=float, default=1e-3, help="family-wise level of the Holm correction (default 1e-3)")
     p.add_argument("--table", help="output table (.csv or .parquet; default <output>_theory_vs_sim.csv)")
     p.add_argument("--theory-cache", help="theory cache directory (default <output>.theory/)")
     p.add_argument("--fresh", action="store_true", help="recompute the sweep, ignoring cached cells")

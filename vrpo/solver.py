@@ -1,0 +1,307 @@
+"""Batched Newton solver for the objectives of :func:`vrpo.fit_bt` (one job: minimise).
+
+Every objective is, per replication (the ``W`` leading rows of every array),
+
+    F(theta) = sum_blocks sum_rows c_r softplus(x_r . theta) - b . theta + ridge/2 |theta|^2,
+
+``b = sum_rows t_r x_r`` (the linear part, computed once: at ``lam = 1`` the labelled
+pairs contribute only to ``b``, and their rows are never touched by the iterations).
+
+The solver is a Newton method built for this structure (issue 9):
+
+- rows are stored transposed, ``XT (W, d, rows)``, one C-contiguous block per row
+  group, so margins ``theta XT``, the gradient ``XT s`` and the Hessian
+  ``(XT * w) XT^T`` are single BLAS calls per replication over contiguous memory;
+  callers pass chunks of replications small enough to stay in cache for all
+  iterations (:func:`vrpo.fit.fit_bt` does);
+- a factorised Hessian is reused across iterations (chord steps) while each full
+  step cuts the gradient norm by at least ``_CHORD_RATE``; it is refreshed when
+  progress stalls, and for the final step (so the result has Newton's quadratic,
+  not the chord's linear, accuracy);
+- the objective is not evaluated while the full step reduces the gradient norm
+  (``_ACCEPT``); otherwise an Armijo backtracking search on ``F`` is the safeguard.
+  Margins along the step are linear in the step length, so backtracking costs no
+  pass over the rows;
+- a step that would take ``max|theta|`` past ``theta_max`` is cut at the bound and
+  must pass the Armijo test; a replication that reaches the bound and would go
+  further stops there (no finite minimiser, or one beyond the bound), as does one
+  whose line search fails; the stopping rule is ``max|step| <= tol (1 + max|theta|)``.
+
+Stopping is not convergence: :func:`vrpo.separation.certify` decides whether a
+minimiser is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Blocks", "evaluate", "minimise", "STOP_RULE", "STOP_THETA_MAX", "STOP_MAX_ITER", "STOP_LINE_SEARCH"]
+
+# why minimise stopped, per replication
+STOP_RULE, STOP_THETA_MAX, STOP_MAX_ITER, STOP_LINE_SEARCH = 0, 1, 2, 3
+
+_ACCEPT = 0.9  # accept a full step without evaluating F when |grad| falls below this fraction
+_CHORD_RATE = 0.01  # keep the factorised Hessian while |grad| falls at least this fast per step
+_ARMIJO = 1e-4
+
+
+@dataclass
+class Blocks:
+    """Rows of ``F`` for ``W`` replications.
+
+    ``XT``: list of ``(W, d, rows_k)`` C-contiguous float64 blocks; ``c``: matching
+    curvature weights, ``(W, 1)`` (one weight per block and replication) or
+    ``(W, rows_k)``; ``b (W, d)``: the linear part ``sum_rows t_r x_r``.
+    """
+
+    XT: list
+    c: list
+    b: np.ndarray
+
+    @classmethod
+    def from_rows(cls, Xs, cs, ts, transposed=False):
+        """``Xs``: row blocks ``(W, rows, d)`` (or ``(W, d, rows)`` if ``transposed``);
+        ``cs``: ``(W,)`` or ``(W, rows)``; ``ts``: ``(W, rows)``."""
+        XT = [np.ascontiguousarray(x if transposed else np.swapaxes(x, 1, 2), dtype=float) for x in Xs]
+        W, d = XT[0].shape[:2]
+        b = np.zeros((W, d))
+        for xt, t in zip(XT, ts):
+            b += np.matmul(xt, np.asarray(t, dtype=float)[..., None])[..., 0]  # (W, d)
+        c = [np.asarray(ci, dtype=float).reshape(W, -1) for ci in cs]
+        return cls(XT, c, b)
+
+    @property
+    def shape(self):
+        return self.b.shape
+
+    def take(self, idx):
+        return Blocks([x[idx] for x in self.XT], [c[idx] for c in self.c], self.b[idx])
+
+    def active(self):
+        """Indices of blocks with some non-zero curvature (the others are all in ``b``)."""
+        return [k for k, c in enumerate(self.c) if np.any(c != 0)]
+
+
+def _sigmoid(delta):
+    """``1 / (1 + exp(-delta))``; call under ``np.errstate(over="ignore")``: exp overflow
+    gives the exact limit 0 (the errstate is set once per solve, not per call)."""
+    out = np.negative(delta)
+    np.exp(out, out=out)
+    out += 1.0
+    return np.reciprocal(out, out=out)
+
+
+def _softplus(delta):
+    return np.maximum(delta, 0.0) + np.log1p(np.exp(-np.abs(delta)))
+
+
+def margins(B, theta, blocks=None):
+    """``[theta XT_k]`` for the active blocks: list of ``(W, rows_k)``."""
+    ks = B.active() if blocks is None else blocks
+    return {k: np.matmul(theta[:, None, :], B.XT[k])[:, 0, :] for k in ks}
+
+
+def gradient(B, theta, s, ridge):
+    """``sum_k XT_k (c_k s_k) - b + ridge theta`` from sigmoids ``s`` (dict by block)."""
+    g = ridge * theta - B.b
+    for k, sk in s.items():
+        g = g + np.matmul(B.XT[k], (B.c[k] * sk)[..., None])[..., 0]
+    return g
+
+
+def hessian(B, s, ridge, idx=None):
+    """``sum_k (XT_k * c_k s_k (1 - s_k)) XT_k^T + ridge I``, ``(W, d, d)``; with ``idx``
+    only for those replications (``s`` then holds only theirs), one at a time on views of
+    their rows (no copy of the rows)."""
+    d = B.shape[1]
+    W = B.shape[0] if idx is None else len(idx)
+    H = np.broadcast_to(ridge * np.eye(d), (W, d, d)).copy()
+    for k, sk in s.items():
+        w = (B.c[k] if idx is None else B.c[k][idx]) * sk * (1.0 - sk)  # (W, rows)
+        if idx is None:
+            H += np.matmul(B.XT[k] * w[:, None, :], np.swapaxes(B.XT[k], 1, 2))
+        else:
+            for j, i in enumerate(idx):
+                XT = B.XT[k][i]  # (d, rows) view
+                H[j] += (XT * w[j]) @ XT.T
+    return H
+
+
+def objective(B, theta, delta, ridge, idx=None):
+    """``F`` from the margins ``delta`` (dict by active block); ``idx`` selects the
+    replications that ``theta`` and ``delta`` hold (default all). No pass over the rows."""
+    b = B.b if idx is None else B.b[idx]
+    f = 0.5 * ridge * np.sum(theta**2, axis=-1) - np.sum(b * theta, axis=-1)
+    for k, dk in delta.items():
+        c = B.c[k] if idx is None else B.c[k][idx]
+        f = f + np.sum(c * _softplus(dk), axis=-1)
+    return f
+
+
+def evaluate(B, theta, ridge, order=2):
+    """``(F, grad, H)`` at ``theta`` (``H`` for ``order >= 2``, ``grad`` for ``order >= 1``)."""
+    delta = margins(B, theta)
+    with np.errstate(over="ignore"):
+        s = {k: _sigmoid(v) for k, v in delta.items()}
+    f = objective(B, theta, delta, ridge)
+    g = gradient(B, theta, s, ridge) if order >= 1 else None
+    H = hessian(B, s, ridge) if order >= 2 else None
+    return f, g, H
+
+
+def _inverse(H):
+    """Inverse of symmetric Hessians with a relative 1e-12 jitter (singular ones stay solvable)."""
+    d = H.shape[-1]
+    scale = np.trace(H, axis1=1, axis2=2)[:, None, None] / d
+    # no curvature at all (every weight underflowed): the identity, i.e. a gradient step
+    jitter = np.where(np.abs(scale) > 1e-250, 1e-12 * np.abs(scale), 1.0)
+    Hj = H + jitter * np.eye(d)
+    try:
+        return np.linalg.inv(Hj)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(Hj, hermitian=True)
+
+
+def minimise(B, theta0, ridge, tol, max_iter, theta_max):
+    """Minimise ``F`` for each replication from ``theta0 (W, d)``.
+
+    Returns ``(theta, stop, n_iter)``: ``theta`` the last iterate (after the final, small
+    step for replications stopped by the rule), ``stop`` why each stopped (``STOP_*``),
+    ``n_iter`` the iterations used. Each replication's path depends on its own rows
+    only (every decision is per replication), so batching does not change results.
+    """
+    with np.errstate(over="ignore"):
+        return _minimise(B, theta0, ridge, tol, max_iter, theta_max)
+
+
+def _minimise(B, theta0, ridge, tol, max_iter, theta_max):
+    W, d = theta0.shape
+    theta_out = np.array(theta0, dtype=float)
+    stop_out = np.full(W, STOP_MAX_ITER)
+    iter_out = np.zeros(W, dtype=int)
+    idx = np.arange(W)  # original index of each working replication
+    Bw = B
+    th = theta_out.copy()
+    delta = margins(Bw, th)
+    # start from theta = 0 where it is better than theta0 (a far or saturated start makes
+    # Newton's first steps useless); F(0) = log 2 sum c needs no pass over the rows
+    moved = np.flatnonzero(np.any(th != 0, axis=1))
+    if moved.size:
+        f_start = objective(Bw, th[moved], {k: v[moved] for k, v in delta.items()}, ridge, moved)
+        f_zero = sum(np.log(2.0) * np.sum(np.broadcast_to(Bw.c[k][moved], delta[k][moved].shape), axis=1)
+                     for k in delta) if delta else np.zeros(moved.size)
+        reset = moved[~(f_start <= f_zero)]
+        th[reset] = 0.0
+        theta_out[reset] = 0.0
+        for k in delta:
+            delta[k][reset] = 0.0
+    s = {k: _sigmoid(v) for k, v in delta.items()}
+    g = gradient(Bw, th, s, ridge)
+    gn = np.linalg.norm(g, axis=1)
+    Hinv = np.zeros((len(th), d, d))
+    need = np.ones(len(th), dtype=bool)  # Hessian to (re)factorise before the next step
+    fresh = np.zeros(len(th), dtype=bool)  # Hinv computed at the current iterate
+    live = np.ones(len(th), dtype=bool)
+
+    def refresh(which):
+        """Factorise the Hessian at the current iterate of replications ``which`` only, so
+        each replication's path does not depend on the others in its batch."""
+        r = np.flatnonzero(which)
+        if r.size:
+            if r.size == len(th):
+                Hinv[:] = _inverse(hessian(Bw, s, ridge))
+            else:
+                Hinv[r] = _inverse(hessian(Bw, {k: v[r] for k, v in s.items()}, ridge, r))
+            fresh[r] = True
+            need[r] = False
+
+    for it in range(1, max_iter + 1):
+        refresh(need & live)
+        p = -np.matmul(Hinv, g[..., None])[..., 0]
+        slope = np.sum(g * p, axis=1)
+        stale = live & ~(slope < 0) & ~fresh
+        if stale.any():  # a reused Hessian gave no descent direction: refresh it
+            refresh(stale)
+            p[stale] = -np.matmul(Hinv[stale], g[stale][..., None])[..., 0]
+            slope[stale] = np.sum(g[stale] * p[stale], axis=1)
+        bad = ~(slope < 0)  # non-descent with a fresh Hessian (lam > 1, or g = 0): gradient step
+        p[bad] = -g[bad]
+        slope[bad] = -gn[bad] ** 2
+        iter_out[idx[live]] = it
+        small = live & (np.max(np.abs(p), axis=1) <= tol * (1.0 + np.max(np.abs(th), axis=1)))
+        last = small & ~fresh & ~bad
+        if last.any():  # the final step is a true Newton step (quadratic, not chord, accuracy)
+            refresh(last)
+            p[last] = -np.matmul(Hinv[last], g[last][..., None])[..., 0]
+        # a full step past theta_max is cut at the bound and must pass the Armijo test;
+        # an iterate already at the bound stays there (no finite minimiser within it)
+        over = live & ~small & (np.max(np.abs(th + p), axis=1) > theta_max)
+        at_bound = np.zeros(len(th), dtype=bool)
+        if over.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                room = np.where(p > 0, (theta_max - th) / p, np.where(p < 0, (theta_max + th) / -p, np.inf))
+            a_max = np.clip(np.min(room[over], axis=1), 0.0, 1.0)
+            p[over] *= a_max[:, None]
+            slope[over] *= a_max
+            at_bound[over] = np.max(np.abs(th[over]), axis=1) >= (1.0 - 1e-9) * theta_max
+        # stopped by the rule: take the final small step; at the bound: stay
+        th[small] += p[small]
+        stop_out[idx[small]] = STOP_RULE
+        stop_out[idx[at_bound]] = STOP_THETA_MAX
+        live &= ~(small | at_bound)
+        if live.any():
+            cand = th + p
+            cand[~live] = th[~live]
+            if over.any():  # land exactly inside the bound despite rounding
+                cand[over] = np.clip(cand[over], -theta_max, theta_max)
+                p[over] = cand[over] - th[over]
+            d_c = margins(Bw, cand)
+            s_c = {k: _sigmoid(v) for k, v in d_c.items()}
+            g_c = gradient(Bw, cand, s_c, ridge)
+            gn_c = np.linalg.norm(g_c, axis=1)
+            ok = ~live | ((gn_c <= _ACCEPT * gn) & ~over)
+            back = np.flatnonzero(~ok)
+            failed = np.zeros(len(th), dtype=bool)
+            if back.size:  # safeguard: Armijo on F along the step (margins are linear in it)
+                f0 = objective(Bw, th[back], {k: v[back] for k, v in delta.items()}, ridge, back)
+                a = np.ones(back.size)
+                todo = np.arange(back.size)
+                for _ in range(60):
+                    bb = back[todo]
+                    d_a = {k: delta[k][bb] + a[todo, None] * (d_c[k][bb] - delta[k][bb]) for k in delta}
+                    fa = objective(Bw, th[bb] + a[todo, None] * p[bb], d_a, ridge, bb)
+                    good = np.isfinite(fa) & (fa <= f0[todo] + _ARMIJO * a[todo] * slope[bb] + 1e-15 * np.abs(f0[todo]))
+                    todo = todo[~good]
+                    if todo.size == 0:
+                        break
+                    a[todo] *= 0.5
+                failed[back[todo]] = True
+                a[todo] = 0.0
+                partial = back[a < 1.0]
+                if partial.size:  # backtracked: gradient at the shorter step
+                    ap = a[a < 1.0][:, None]
+                    cand[partial] = th[partial] + ap * p[partial]
+                    sub = Bw.take(partial)
+                    for k in d_c:
+                        d_c[k][partial] = delta[k][partial] + ap * (d_c[k][partial] - delta[k][partial])
+                        s_c[k][partial] = _sigmoid(d_c[k][partial])
+                    g_c[partial] = gradient(sub, cand[partial], {k: v[partial] for k, v in s_c.items()}, ridge)
+                    gn_c[partial] = np.linalg.norm(g_c[partial], axis=1)
+            # keep the factorised Hessian only where the step made fast progress
+            need |= live & ~(gn_c <= _CHORD_RATE * gn)
+            th, delta, s, g, gn = cand, d_c, s_c, g_c, gn_c
+            fresh[:] = False
+            stop_out[idx[failed & live]] = STOP_LINE_SEARCH
+            live &= ~failed
+        theta_out[idx] = th
+        if not live.any():
+            break
+        if live.sum() <= 0.5 * len(idx) and len(idx) > 1:  # drop finished replications
+            keep = np.flatnonzero(live)
+            Bw, idx, th, g, gn, live = Bw.take(keep), idx[keep], th[keep], g[keep], gn[keep], live[keep]
+            Hinv, need, fresh = Hinv[keep], need[keep], fresh[keep]
+            delta = {k: v[keep] for k, v in delta.items()}
+            s = {k: v[keep] for k, v in s.items()}
+    return theta_out, stop_out, iter_out
