@@ -37,6 +37,7 @@ __all__ = ["write_report", "render_report", "readme_block", "SECTION_ORDER", "RE
 SECTION_ORDER = (
     ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`, issue 4)"),
     ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`, issue 5)"),
+    ("llm_regret.md", "regret curves on a language model with a known gold preference (`vrpo llm-regret --publish`)"),
 )
 VALIDATION_SECTION = ("validation.md", "independent high-power checks and mutation tests (`vrpo validate --default "
                       "--fragment paper_figures/sections/validation.md`, issue 10)")
@@ -250,11 +251,42 @@ def _policy_bullet(N, fs) -> str | None:
             f"{ahi:+.3f}]" + (" (interval covers 0)." if alo <= 0 <= ahi else "."))
 
 
+def _llm_regret_bullet(fs) -> str | None:
+    """The language-model testbed's headline, from the summary ``vrpo llm-regret`` embeds in its section."""
+    text = _fragment(fs.out_dir, "llm_regret.md")
+    if not text:
+        return None
+    tag = "<!-- vrpo-llm-regret-summary: "
+    i = text.find(tag)
+    if i < 0:
+        return None
+    s = json.loads(text[i + len(tag):text.index(" -->", i)])
+    var = s["variants"]
+    if not var:
+        return None
+    Mmax = max(v["M"] for v in var)
+    name = {"vrpo": "lam = 1", "vrpo-auto": "lam = auto"}
+    parts = []
+    for k in sorted({v["kappa"] for v in var}):
+        vs = [v for v in var if v["kappa"] == k and v["g"] == "oracle" and v["M"] == Mmax]
+        if vs:
+            parts.append(f"kappa = {k:g}: " + ", ".join(
+                f"{name.get(v['method'], v['method'])} {v['h2h'][0]:.3f} [{v['h2h'][1]:.3f}, {v['h2h'][2]:.3f}] "
+                f"({v['verdict']})" for v in vs))
+    if not parts:
+        return None
+    return (f"On the language-model testbed (known non-BT gold preference, pairs from pi_ref, {s['seeds']} seeds, "
+            f"n = {s['n']}), VRPO with the oracle g and M = {Mmax} against same-seed DPO (gold head-to-head win "
+            f"rate): " + "; ".join(parts) + f". Over all {s['settings']} method settings compared with DPO: "
+            f"{s['helps']} help, {s['hurts']} hurt, {s['none']} show no detectable difference "
+            "(`sections/llm_regret.md`).")
+
+
 def readme_block(fs, val=None, hh=None) -> list[str]:
     """The README's 'What we found' bullets, computed (``README.md`` must quote them verbatim)."""
     N = _numbers(fs, val, hh)
     bullets = [_gain_bullet(N), _prompt_bullet(N), _hurt_bullet(N), _lam1_bullet(N), _self_bullet(N),
-               _validation_bullet(N), _hh_bullet(N), _policy_bullet(N, fs)]
+               _validation_bullet(N), _hh_bullet(N), _policy_bullet(N, fs), _llm_regret_bullet(fs)]
     return [f"- {b}" for b in bullets if b]
 
 
