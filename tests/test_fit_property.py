@@ -144,3 +144,15 @@ def test_fit_bt_properties(problem):
         if res.converged[r]:
             np.testing.assert_allclose(one.theta, res.theta[r], rtol=SAME_RTOL, atol=SAME_RTOL * np.abs(res.theta[r]).max())
             np.testing.assert_allclose(one.cov, res.cov[r], rtol=1e-6, atol=1e-6 * np.abs(res.cov[r]).max())
+
+
+def test_near_singular_sandwich_is_positive_semidefinite():
+    """One labelled pair and one extra pair (found by hypothesis): the meat is a covariance of
+    rank 0 up to rounding, which used to come back with a -9e-14 variance; it is projected onto
+    the positive semi-definite cone (vrpo.variance._psd)."""
+    X, Z, g = np.array([[[-0.05227484]]]), np.array([[1.0]]), np.array([[0.85598095]])
+    Xa, ga = np.array([[[-0.04130635]]]), np.array([[0.54458569]])
+    res = _fit(X, Z, g, Xa, ga, lam=0.5)
+    assert res.converged[0]
+    ev = np.linalg.eigvalsh(res.cov[0])
+    assert ev.min() >= 0.0 and np.all(res.se >= 0.0)

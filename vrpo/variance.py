@@ -100,6 +100,31 @@ def wcov(u, v=None, w=None):
     return np.matmul(np.swapaxes(uw, -1, -2), v) - mu[..., :, None] * mv[..., None, :]
 
 
+def _psd(V):
+    """``V`` with negative eigenvalues set to 0 where there are any.
+
+    The meat ``S0 + lam S1 + lam^2 S2`` is the covariance of ``a + lam b`` plus
+    ``(n/N) lam^2 Cov(c)``, positive semi-definite in exact arithmetic; when it is
+    (nearly) singular, e.g. one labelled pair, rounding can leave eigenvalues of
+    order ``-1e-16 |V|`` that would make a variance negative. Only the affected
+    matrices are decomposed. NaN matrices pass through.
+    """
+    if V.shape[-1] == 0:
+        return V
+    ok = np.isfinite(V).all(axis=(-2, -1))
+    if not ok.any():
+        return V
+    w = np.full(V.shape[:-1], np.inf)
+    w[ok] = np.linalg.eigvalsh(V[ok])
+    bad = w.min(axis=-1) < 0
+    if bad.any():
+        ev, Q = np.linalg.eigh(V[bad])
+        V = V.copy()
+        P = (Q * np.clip(ev, 0.0, None)[..., None, :]) @ np.swapaxes(Q, -1, -2)
+        V[bad] = 0.5 * (P + np.swapaxes(P, -1, -2))
+    return V
+
+
 def _inv_psd(H):
     """Inverse of a batch of symmetric positive (semi)definite matrices.
 
@@ -164,7 +189,7 @@ class VarianceParts:
     def cov(self, lam):
         """Estimated ``Cov(theta_hat) = V(lam) / n``, symmetrised. ``(..., d, d)``."""
         V = self.V(lam) / self.n
-        return 0.5 * (V + np.swapaxes(V, -1, -2))
+        return _psd(0.5 * (V + np.swapaxes(V, -1, -2)))
 
     def _quad(self, coord=None):
         """Coefficients ``(q1, q2)`` of ``tr(A Sigma A) = q0 + q1 lam + q2 lam^2``."""
