@@ -43,6 +43,7 @@ import pandas as pd
 from scipy.special import expit
 
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
+from vrpo.crossfit import cross_fit_logistic
 from vrpo_common.fileio import json_default, save_figure, write_json, write_text
 from vrpo_common.stats import Z95, paired_ratio, sq_dev
 
@@ -252,26 +253,13 @@ def learned_g(F, Z, F_aux, k_folds: int, ridge: float):
     """Cross-fitted calibrated classifier ``g = sigma(F . beta)``, batched over replications.
 
     ``F``: ``(R, n, p)`` inputs of the labelled pairs (here ``[2L - 1, X]``), ``Z``:
-    ``(R, n)``; ``F_aux``: ``(R, N, p)``. Fold ``k`` holds positions
-    ``[k n/K, (k+1) n/K)`` (labelled draws are i.i.d., so contiguous folds are random).
-    Labelled pairs get the prediction of the model not trained on them; extra pairs
-    the mean over the ``K`` models. No intercept, so ``g(x,b,a) = 1 - g(x,a,b)``.
+    ``(R, n)``; ``F_aux``: ``(R, N, p)`` (independent extra pairs). The same helper
+    as the bandit ``learned`` model (:func:`vrpo.crossfit.cross_fit_logistic`):
+    labelled pairs get the prediction of the fold model not trained on them, extra
+    pairs the mean over the ``K`` models. No intercept, so ``g(x,b,a) = 1 - g(x,a,b)``.
     Returns ``(g (R, n), g_aux (R, N))``.
     """
-    R, n, p = F.shape
-    K = k_folds
-    m = n // K
-    fold = np.arange(n) // m  # (n,)
-    train = np.stack([np.flatnonzero(fold != k) for k in range(K)])  # (K, n - m)
-    Ft = F[:, train]  # (R, K, n-m, p)
-    Zt = Z[:, train]  # (R, K, n-m)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        beta = fit_bt(Ft, Zt, lam=0, ridge=ridge).theta  # (R, K, p)
-    g_all = expit(np.einsum("rnp,rkp->rnk", F, beta))  # (R, n, K)
-    g = np.take_along_axis(g_all, fold[None, :, None].repeat(R, 0), axis=2)[..., 0]  # (R, n)
-    g_aux = expit(np.einsum("rnp,rkp->rnk", F_aux, beta)).mean(axis=2)  # (R, N)
-    return g, g_aux
+    return cross_fit_logistic(F, Z, F_aux, k_folds, ridge=ridge)
 
 
 # --------------------------------------------------------------------------- metrics
