@@ -28,9 +28,10 @@ from vrpo_common.fileio import atomic_path
 from vrpo_common.stats import Z95, holm_threshold, p_two_sided
 
 from .compare import CHECKS, Z_FLAG, agreement_summary, holm_table, shared_data_groups
+from .sweeps import MISSPEC
 from .validate_report import read_summary
 
-MISSPEC_REF = "mixture:1.0"
+MISSPEC_REF = MISSPEC  # the reference misspecified scenario (F1, F3, F5)
 ALPHA_FIG = 1e-3  # family-wise level of the figure-sweep comparisons (Holm)
 __all__ = ["write_report", "render_report", "readme_block", "SECTION_ORDER", "README_START", "README_END"]
 

@@ -21,6 +21,7 @@ from llm.hh_reward import (
     smoke_config,
 )
 from vrpo import fit_bt
+from vrpo.crossfit import fold_of
 from vrpo_common.stats import paired_ratio
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -106,11 +107,12 @@ def test_learned_g_is_antisymmetric_and_batched():
 def test_learned_g_is_cross_fitted():
     F, Z, Fa = _synthetic_g_inputs(R=1, n=50)
     g, _ = learned_g(F, Z, Fa, 5, 1e-3)
+    f0 = fold_of(50, 5) == 0  # fold 0 (10 pairs)
     Z2 = Z.copy()
-    Z2[0, :10] = 1 - Z2[0, :10]  # flip the labels of fold 0 only
+    Z2[0, f0] = 1 - Z2[0, f0]  # flip the labels of fold 0 only
     g2, _ = learned_g(F, Z2, Fa, 5, 1e-3)
-    np.testing.assert_array_equal(g2[0, :10], g[0, :10])  # fold 0's predictions never saw its labels
-    assert np.max(np.abs(g2[0, 10:] - g[0, 10:])) > 1e-3  # the other folds' models did
+    np.testing.assert_array_equal(g2[0, f0], g[0, f0])  # fold 0's predictions never saw its labels
+    assert np.max(np.abs(g2[0, ~f0] - g[0, ~f0])) > 1e-3  # the other folds' models did
 
 
 def test_paired_ratio_standard_error_matches_simulation():
