@@ -1,4 +1,4 @@
-"""The auxiliary-model zoo ``g`` (METHOD.md section 5).
+"""The auxiliary-model zoo ``g`` (docs/method.md section 6).
 
 An auxiliary model maps a batch of :class:`~sim.data.PairData` (leading
 replication axis ``R``) to ``(g, g_aux)``, its probabilities that ``y1`` is
@@ -13,7 +13,13 @@ Register a new one with::
     @register_aux("shrunk")
     class Shrunk(AuxModel):
         def predict(self, data, rngs):
-            return 0.5 + 0.5 * (data.p - 0.5), 0.5 + 0.5 * (data.p_aux - 0.5)
+            return 0.5 + 0.5 * (data.p_star - 0.5), 0.5 + 0.5 * (data.p_star_aux - 0.5)
+
+        def population_limit(self, ctx, P, theta_star, fitted=None):  # for analysis.theory
+            return 0.5 + 0.5 * (P - 0.5), np.zeros(P.shape)
+
+(or set ``deterministic = True`` when ``g`` is a fixed function of the pair: the limit is
+then the model evaluated on every arm pair).
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ class AuxModel:
     def __call__(self, data: PairData, rngs: list[np.random.Generator]):
         g, g_aux = self.predict(data, rngs)
         g, g_aux = np.asarray(g, dtype=float), np.asarray(g_aux, dtype=float)
-        if g.shape != data.Z.shape or g_aux.shape != data.p_aux.shape:
+        if g.shape != data.Z.shape or g_aux.shape != data.p_star_aux.shape:
             raise ValueError(f"auxiliary model {self.name!r} returned shapes {g.shape}, {g_aux.shape}; "
-                             f"expected {data.Z.shape}, {data.p_aux.shape}")
+                             f"expected {data.Z.shape}, {data.p_star_aux.shape}")
         for nm, v in (("g", g), ("g_aux", g_aux)):
             if not np.all(np.isfinite(v)) or v.min() < 0 or v.max() > 1:
                 raise ValueError(f"auxiliary model {self.name!r} produced {nm} outside [0, 1] or non-finite")
@@ -114,7 +120,7 @@ class Oracle(AuxModel):
     deterministic = True
 
     def predict(self, data, rngs):
-        return data.p, data.p_aux
+        return data.p_star, data.p_star_aux
 
 
 @register_aux("noisy")
@@ -129,8 +135,8 @@ class Noisy(AuxModel):
     def predict(self, data, rngs):
         out = []
         for r, rng in enumerate(rngs):
-            lp = logit(np.clip(data.p[r], _EPS, 1 - _EPS))
-            lpa = logit(np.clip(data.p_aux[r], _EPS, 1 - _EPS))
+            lp = logit(np.clip(data.p_star[r], _EPS, 1 - _EPS))
+            lpa = logit(np.clip(data.p_star_aux[r], _EPS, 1 - _EPS))
             out.append((expit(lp + self.s * rng.standard_normal(lp.shape)),
                         expit(lpa + self.s * rng.standard_normal(lpa.shape))))
         return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
@@ -183,7 +189,7 @@ class Constant(AuxModel):
             raise ValueError(f"constant g must lie in [0, 1], got {self.c}")
 
     def predict(self, data, rngs):
-        return np.full(data.Z.shape, self.c), np.full(data.p_aux.shape, self.c)
+        return np.full(data.Z.shape, self.c), np.full(data.p_star_aux.shape, self.c)
 
 
 @register_aux("self")

@@ -1,7 +1,7 @@
 """Population quantities of a scenario: ``theta*`` and a fixed evaluation set.
 
 ``theta*`` minimises ``E[l(delta_theta, p*)]`` (the KL projection of ``p*`` on
-the BT family, METHOD.md s2). Over the arms the expectation is an exact sum
+the BT family, docs/method.md s2). Over the arms the expectation is an exact sum
 (all ``K^2`` ordered pairs weighted by ``pi_ref(a|x) pi_ref(b|x)``); over
 contexts it is a sample of ``n_ctx`` contexts, whose error is reported as the
 standard error ``theta_star_se`` (sandwich, contexts as clusters).
@@ -46,8 +46,8 @@ def all_pairs_data(ctx: Contexts, P) -> PairData:
     phi2 = np.broadcast_to(ctx.phi[:, None, :, :], (C, K, K, d)).reshape(1, C * K * K, d)
     x = np.broadcast_to(ctx.x[:, None, None, :], (C, K, K, ctx.x.shape[-1])).reshape(1, C * K * K, -1)
     p = P.reshape(1, C * K * K)
-    return PairData(x=x, phi1=phi1, phi2=phi2, p=p, Z=p.copy(), x_aux=x[:, :, None, :], phi1_aux=phi1[:, :, None, :],
-                    phi2_aux=phi2[:, :, None, :], p_aux=p[:, :, None], aux_prompts="same")
+    return PairData(x=x, phi1=phi1, phi2=phi2, p_star=p, Z=p.copy(), x_aux=x[:, :, None, :], phi1_aux=phi1[:, :, None, :],
+                    phi2_aux=phi2[:, :, None, :], p_star_aux=p[:, :, None], aux_prompts="same")
 
 
 @dataclass

@@ -154,7 +154,7 @@ def _watch_parent(parent_pid: int | None) -> None:
 
 
 def _metrics(res: vrpo.FitResult, pop: Population, mle_opponent, alpha, beta) -> dict:
-    """Per-replication metrics of METHOD.md s4 for a batch of fits (``mle_opponent``: the
+    """Per-replication metrics of docs/method.md s4 for a batch of fits (``mle_opponent``: the
     same replications' MLE policies as win-rate opponents, :meth:`LinearPolicies.opponent`)."""
     th = res.theta  # (R, d)
     ts = pop.theta_star
