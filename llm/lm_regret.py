@@ -40,15 +40,15 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 
-from vrpo_common.fileio import atomic_path, json_default, write_json, write_text
+from vrpo_common.fileio import atomic_path, json_default, write_json
 
 __all__ = [
     "LMRegretConfig",
@@ -121,13 +121,13 @@ class LMRegretConfig:
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     # gold
-    features: str = "minilm-static"
+    features: Literal["minilm-static", "minilm"] = "minilm-static"
     length_features: bool = True
     target_sd: float = 3.0
-    weight: str = "constant"
+    weight: Literal["constant", "prompt"] = "constant"
     w_max: float = 0.5
     n_scale_prompts: int = 400
-    one_type_head: str = "harmless"
+    one_type_head: Literal["helpful", "harmless"] = "harmless"
     noisy_sd: float = 1.0
     learned_folds: int = 5
     learned_dim: int = 16

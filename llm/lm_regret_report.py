@@ -11,7 +11,6 @@ published files.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -411,7 +410,7 @@ def render_section(cfg, record: dict, cells: pd.DataFrame, table: pd.DataFrame, 
              "with `X = grad delta`. Because `(Z - 1/2)^2 = 1/4` exactly, `tr Cov psi_DPO = E|X|^2/4 - |mu|^2` "
              "(`mu = E[(p* - 1/2) X]`) and, for the oracle `g = p*` and `lam = 1`, "
              "`tr Cov psi_VRPO / tr Cov psi_DPO = 1 - (1 - 1/M) E_x tr Cov((p* - 1/2) X | x) / tr Cov psi_DPO` "
-             "(METHOD.md s3 with `s = 1/2`; derivation and the general-`g` form in docs/llm_regret.md; the best "
+             "(docs/method.md s3 with `s = 1/2`; derivation and the general-`g` form in docs/llm_regret.md; the best "
              "`lam` for the oracle is `M/(M+1)`). Per-pair gradients of the first "
              f"{probe_ref['closed_form_prompts']} labelled prompts of seed {c.first_seed} (every pair of each, `p*` "
              "and `g` exact) give two numbers: the closed form for the population (moments over prompts and pairs, "
@@ -530,7 +529,7 @@ def _readings(c, cells: pd.DataFrame, probe_ref: dict, trained: pd.DataFrame) ->
             differ = [r for r in rows if r.verdict != "no detectable difference"]
             p0 = cf(kmin, "oracle", Mmax)
             if not differ:
-                out.append(f"  At kappa = 0 every oracle-g VRPO variant is indistinguishable from DPO within its "
+                out.append("  At kappa = 0 every oracle-g VRPO variant is indistinguishable from DPO within its "
                            "interval, as the asymptotic theory predicts for a BT preference.")
             else:
                 txt = (f"  At kappa = 0 {len(differ)} of {len(rows)} oracle-g VRPO variants differ from DPO "
@@ -582,7 +581,7 @@ def _readings(c, cells: pd.DataFrame, probe_ref: dict, trained: pd.DataFrame) ->
                               "form)")
         if parts:
             out.append(f"- **M (VRPO lam = 1, oracle g, n = {nmax}, head to head vs DPO).** " + "; ".join(parts)
-                       + f". The bandit theory predicts no gain at M = 1 with lam = 1 and a gain growing with M.")
+                       + ". The bandit theory predicts no gain at M = 1 with lam = 1 and a gain growing with M.")
     parts = []
     for k in c.kappas:
         for b in ("cdpo", "rdpo"):

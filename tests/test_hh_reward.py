@@ -190,7 +190,7 @@ def test_smoke_run_writes_results_figure_and_fragment(tmp_path, emb_cache):
     assert np.all(mle["var_ratio"] == 1.0) and np.all(mle["lam_mean"] == 0.0)
     vr = rows[rows["method"] == "vr"]
     assert np.all(vr["lam_mean"] == 1.0)
-    auto = rows[rows["method"] == "auto"]
+    auto = rows[rows["method"] == "vr-auto"]
     assert np.all((auto["lam_mean"] >= 0) & (auto["lam_mean"] <= 1))
     # the fragment's agreement table is computed from the whole loaded file
     agree = pd.DataFrame(result["agreement"])
@@ -252,7 +252,7 @@ def test_bias_explanation_follows_the_numbers():
                                   sd_norm=0.4, reps_used=400, nonconverged=0, bias_norm=bb))
         return {"config": {"n_aux": 2000, "reps": 200, "bias_reps": 400}, "cells": [{"bias_study": study}]}
 
-    df = pd.DataFrame([dict(cell="c", g="llm", method="vr", n=n, var_ratio=2.5, diverged=0, selection_z=np.nan,
+    df = pd.DataFrame([dict(cell="c", g="llm", method="vr", n=n, var_ratio=2.5, nonconverged=0, selection_z=np.nan,
                             bias_vec=[0.04, 0.0], bias_se_vec=[1e-3, 1e-3]) for n in (200, 400)])
     down = " ".join(_bias_explanation(result(0.5), df))
     up = " ".join(_bias_explanation(result(1.2), df))
