@@ -25,7 +25,7 @@ def one_thread():
 
 
 def test_win_rate_and_mean_ci_numbers():
-    from llm.policy_eval import win_rate
+    from llm.evaluate import judge_win_rate as win_rate
     from vrpo_common.stats import mean_ci
 
     r_a = np.array([[1.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
@@ -43,7 +43,7 @@ def test_gradient_variance_probe_matches_direct_computation(tmp_path):
     """The pair estimator ||G1 - G2||^2 / 2 recomputed by hand on the same minibatches."""
     pytest.importorskip("trl")
     from llm.tiny_lm import word_tokenizer
-    from llm.policy_eval import gradient_variance_probe
+    from llm.evaluate import gradient_variance_probe
     from llm.tiny_lm import tiny_gpt2
     from llm.vrpo_loss import pair_margins, sequence_logps, vrpo_loss
     from llm.vrpo_trainer import VRPOConfig, VRPOTrainer
