@@ -144,7 +144,7 @@ def fig_ratio_vs_kappa(fs: FigureSet, formats):
     cap = ("Variance ratio tr Cov(VR) / tr Cov(MLE) against the misspecification strength kappa, one panel per scenario "
            "of the zoo (kappa = 0 is Bradley-Terry, where the ratio is exactly 1). Squares: simulated ratio of n tr Cov "
            f"over {_reps_text(summ)} paired replications at n = {int(tab['n'].iloc[0])}, 95% delta-method intervals; "
-           "lines: the predicted ratio tr V_VR / tr V_MLE. The kappa scales differ between scenarios (see METHOD.md s5). "
+           "lines: the predicted ratio tr V_VR / tr V_MLE. The kappa scales differ between scenarios (see docs/method.md s5). "
            f"Sweep `kappa` (seed {fs.configs['kappa'].seed}, oracle g, M = {fs.configs['kappa'].M}, same prompts).")
     return paths, cap
 
@@ -257,7 +257,7 @@ def fig_M_effect(fs: FigureSet, formats):
            "oracle g: extra pairs sharing the labelled prompt (solid, filled) or drawn on fresh prompts (N = M n, "
            "dashed, open). Lines: theory; points: simulated ratio of n tr Cov over "
            f"up to {reps} paired replications, 95% intervals ({span}). With shared prompts VR removes "
-           "(1 - 1/M) E_x Var(m|x), with fresh prompts (1 - 1/M) Var(m) (METHOD.md s3). "
+           "(1 - 1/M) E_x Var(m|x), with fresh prompts (1 - 1/M) Var(m) (docs/method.md s3). "
            + _m_note(fs.data.get("m_diagnosis")) + " Sweeps `M<M>-same` and `M<M>-fresh` (seed 0).")
     return paths, cap
 

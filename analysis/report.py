@@ -4,7 +4,7 @@ Every sentence that states a number or a direction is computed from the results:
 simulation summaries, theory, comparison tables, the ``lam = 1`` study, and the summary
 lines embedded in the fragments other commands write to ``paper_figures/sections/``
 (``vrpo validate`` -> ``validation.md``, ``vrpo hh-reward`` -> ``hh_reward.md``, ...).
-Fixed prose only describes procedures or restates METHOD.md's theory. Words such as
+Fixed prose only describes procedures or restates docs/method.md's theory. Words such as
 "above"/"below", "helps"/"hurts" are chosen by comparing numbers (:func:`_word`).
 
 The report also carries the README's findings block (between ``README_START`` and
@@ -36,12 +36,12 @@ ALPHA_FIG = 1e-3  # family-wise level of the figure-sweep comparisons (Holm)
 __all__ = ["write_report", "render_report", "readme_block", "SECTION_ORDER", "README_START", "README_END"]
 
 SECTION_ORDER = (
-    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`, issue 4)"),
-    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`, issue 5)"),
+    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`)"),
+    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`)"),
     ("llm_regret.md", "regret curves on a language model with a known gold preference (`vrpo llm-regret --publish`)"),
 )
 VALIDATION_SECTION = ("validation.md", "independent high-power checks and mutation tests (`vrpo validate --default "
-                      "--fragment paper_figures/sections/validation.md`, issue 10)")
+                      "--fragment paper_figures/sections/validation.md`)")
 README_START = "<!-- readme-findings:start -->"
 README_END = "<!-- readme-findings:end -->"
 CHECK_NAMES = {
@@ -142,7 +142,7 @@ def _gain_bullet(N) -> str | None:
     none = sorted(f for f, g in k.groupby("family") if np.all(np.abs(g["var_ratio_th"] - 1) < 0.02))
     bt = N["bt_th"]
     bt_txt = f"ratio {_f(float(bt.iloc[0]), '{:.3f}')}" if len(bt) else "ratio 1"
-    return ("VR's gain is the within-prompt misspecification variance `(1 - 1/M) E_x Var(m | x)` (METHOD.md s3): "
+    return ("VR's gain is the within-prompt misspecification variance `(1 - 1/M) E_x Var(m | x)` (docs/method.md s3): "
             f"none under BT ({bt_txt} predicted), {_f(100 * N['mixture_gain'], '{:.0f}')}% in the two-annotator "
             "mixture, up to " + " and ".join(f"{_f(100 * (1 - r.var_ratio_th), '{:.0f}')}% in `{r.scenario}`"
                                               for r in best.itertuples())
@@ -331,7 +331,7 @@ def _findings(fs, val, hh) -> list[str]:
                       if len(bt) else "no cell at n >= 1000")
                    + ") and, within 2%, in "
                    + (", ".join(f"`{s}`" for s in none["scenario"]) if len(none) else "no other cell of the zoo")
-                   + ". By METHOD.md s3 the gain is the within-prompt misspecification variance (1 - 1/M) E_x Var(m|x), "
+                   + ". By docs/method.md s3 the gain is the within-prompt misspecification variance (1 - 1/M) E_x Var(m|x), "
                    "zero when BT holds.")
     pb = _prompt_bullet(N)
     if pb:
@@ -499,7 +499,7 @@ def _agreement_section(fs, val_text) -> list[str]:
     t = pd.DataFrame({
         "check": [CHECK_NAMES[c] for c in agg["check"]],
         f"cells (n >= {n_min})": agg["cells"], f"abs z > {Z_FLAG:g}": agg["cells"] - agg["within"],
-        f"expected by chance": [f"{c * p_two_sided(Z_FLAG):.2f}" for c in agg["cells"]],
+        "expected by chance": [f"{c * p_two_sided(Z_FLAG):.2f}" for c in agg["cells"]],
         "rejected (Holm)": [int(rej.get(c, 0)) for c in agg["check"]],
         "all n: within / cells": [f"{w} / {c}" for w, c in zip(agg_all["within"], agg_all["cells"])],
     })
@@ -555,8 +555,8 @@ def _reference_section(fs) -> list[str]:
     cfg = fs.configs["reference"]
     mle = t[t["method"] == "mle"].iloc[0]
     vr = t[t["method"] == "vr"].iloc[0]
-    out = ["### METHOD.md section 6 reference numbers", ""]
-    out.append("METHOD.md reports, for its own construction of the bandit (d = 4, K = 8, uniform pi_ref, beta = 1, "
+    out = ["### Reference numbers of docs/method.md section 7", ""]
+    out.append("docs/method.md section 7 reports, for its own construction of the bandit (d = 4, K = 8, uniform pi_ref, beta = 1, "
                "mixture at scale 10, M = 4, oracle g, n = 1000, 400 replications), tr V_MLE = 100.0, tr V_VR = 86.8 "
                "(ratio 0.87), simulated n tr Cov 106.6 and 93.8, n E[regret] 5.11 ± 0.19 (MLE) and 4.46 ± 0.16 (VR) "
                f"against theory 4.87 and 4.23. Our sweep `reference` (`{cfg.scenarios[0]}`, scale {cfg.scale:g}, seed "
@@ -574,9 +574,9 @@ def _reference_section(fs) -> list[str]:
     out += [_md_table(tab), ""]
     d = float(vr["var_ratio_th"]) - 0.87
     out.append(f"Our predicted variance ratio {_f(vr['var_ratio_th'])} is {abs(d):.3f} {_word(d, 'above', 'below', 'at')} "
-               f"METHOD.md's 0.87, and our tr V_MLE {_f(mle['trV_th'], '{:.1f}')} is "
+               f"docs/method.md's 0.87, and our tr V_MLE {_f(mle['trV_th'], '{:.1f}')} is "
                f"{100.0 / float(mle['trV_th']):.1f} times smaller than its 100.0: the scenario's construction (annotator "
-               "types, feature law) is not the one behind METHOD.md's numbers, so only the ratio is comparable. No "
+               "types, feature law) is not the one behind docs/method.md's numbers, so only the ratio is comparable. No "
                "tuning was done to match.")
     out.append("")
     return out

@@ -1,4 +1,4 @@
-"""Population theory of METHOD.md section 3 for any scenario, auxiliary model, M and ``lam``.
+"""Population theory of docs/method.md section 3 for any scenario, auxiliary model, M and ``lam``.
 
 For a scenario and an auxiliary model ``g`` this computes, at ``theta*``,
 
