@@ -140,6 +140,7 @@ def test_bias_z_flags_an_off_centre_estimator():
 # --------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow  # ~85 s on an idle core
 def test_vr_and_mle_estimate_the_same_target(emb_cache):
     """Seeded: on 200 labelled pairs with 200 fresh-prompt extra pairs (GPT-3.5 label only),
     theta_VR - theta_MLE is within its standard error (Wald chi-square at the 0.1% level)."""

@@ -101,6 +101,7 @@ def test_demo_config_validation():
         DemoConfig(n_gen_prompts=400, n_eval=300)
 
 
+@pytest.mark.slow  # ~85 s on an idle core
 @pytest.mark.skipif(not HH.exists(), reason=f"HH data not found at {HH} (shared data beside the repository)")
 def test_policy_demo_smoke_end_to_end(tmp_path):
     """The whole pipeline at toy size: results with the resolved config, figure and fragment, caches reused."""
