@@ -1151,7 +1151,7 @@ def aggregate(cfg: LMRegretConfig, record: dict) -> dict:
     """
     import pandas as pd
 
-    from sim.runner import write_table
+    from vrpo_common.fileio import write_table
 
     from .evaluate import win_rate
     from .gold import GoldPreference

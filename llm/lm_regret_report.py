@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from vrpo_common.fileio import save_figure, write_text
+from vrpo_common.stats import Z95
 
 __all__ = ["write_report", "render_section", "FIGURES", "regenerate"]
 
@@ -173,7 +174,7 @@ def _fig_grad_variance(cfg, probe_ref: dict, trained: pd.DataFrame, path: Path) 
     ax = axes[0]
     rows = rows.sort_values(["g", "kappa", "M"]).reset_index(drop=True)
     x = np.arange(len(rows))
-    ax.errorbar(x - 0.15, rows.cf_ratio, yerr=1.96 * rows.cf_ratio_se, fmt="s", color="#1f77b4", ms=4, capsize=2,
+    ax.errorbar(x - 0.15, rows.cf_ratio, yerr=Z95 * rows.cf_ratio_se, fmt="s", color="#1f77b4", ms=4, capsize=2,
                 label="closed form, population (95% jackknife)")
     ax.plot(x, rows.exact_ratio, "D", color="#2ca02c", ms=3.5, label="exact on the probed examples")
     if "mc_ratio" in rows:
