@@ -15,13 +15,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def test_win_rate_and_mean_ci_numbers():
