@@ -351,8 +351,8 @@ def gradient_probe(model, prompt_ids, response_ids, ref_logps, Z, g, g_aux, beta
     vV = vD + 2 * lam * cDX + lam ** 2 * vX
     return {
         "lam": float(lam), "beta": beta, "batch_size": batch_size, "n_minibatches": 2 * n_pairs, "M": M,
-        "trace_dpo": float(vD.mean()), "trace_dpo_se": float(vD.std(ddof=1) / math.sqrt(n_pairs)),
-        "trace_vrpo": float(vV.mean()), "trace_vrpo_se": float(vV.std(ddof=1) / math.sqrt(n_pairs)),
+        "trace_dpo": float(vD.mean()), "trace_dpo_se": mean_se(vD)[1],
+        "trace_vrpo": float(vV.mean()), "trace_vrpo_se": mean_se(vV)[1],
         "ratio": float(ratio(lam)), "ratio_lo": float(np.quantile(r_l, 0.025)),
         "ratio_hi": float(np.quantile(r_l, 0.975)), "ratio_se": float(r_l.std(ddof=1)),
         "lam_opt": lam_opt, "ratio_at_lam_opt": float(ratio(lam_opt)),

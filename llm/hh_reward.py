@@ -46,7 +46,7 @@ from scipy.special import expit
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
 from vrpo.crossfit import cross_fit_logistic
 from vrpo_common.fileio import json_default, save_figure, write_json, write_text
-from vrpo_common.stats import Z95, paired_ratio, sq_dev
+from vrpo_common.stats import Z95, mean_se, paired_ratio, sq_dev
 
 __all__ = [
     "HHRewardConfig",
@@ -302,7 +302,7 @@ def _row(s, base, meta):
     base = {k: v[ok] for k, v in base.items()}
     q, q0 = sq_dev(s["theta"]), sq_dev(base["theta"])
     m = lambda a: float(np.mean(a))  # noqa: E731
-    se = lambda a: float(np.std(a, ddof=1) / math.sqrt(R))  # noqa: E731
+    se = lambda a: mean_se(a)[1]  # noqa: E731
     var_ratio, var_ratio_se = paired_ratio(q, q0)
     sand_ratio, sand_ratio_se = paired_ratio(s["sand"], base["sand"])
     calib, calib_se = paired_ratio(s["sand"], q)

@@ -43,12 +43,13 @@ import platform
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from vrpo_common.fileio import atomic_path, json_default, write_json
+from vrpo_common.stats import mean_se
 
 __all__ = [
     "LMRegretConfig",
@@ -757,7 +758,7 @@ def evaluate_policy(cfg: LMRegretConfig, policy, pi_ref, tok, gold_k, bank: dict
     length = smp.n_tokens.reshape(J, S)
     summary = {"win_ref": win["mean"], "win_ref_mc_se": win["se"], "kl": kl["mean"], "kl_mc_se": kl["se"],
                "acc": acc["mean"], "acc_mc_se": acc["se"], "acc_bayes": acc["bayes"],
-               "len_tokens": float(length.mean()), "len_tokens_mc_se": float(length.mean(1).std(ddof=1) / math.sqrt(J)),
+               "len_tokens": float(length.mean()), "len_tokens_mc_se": mean_se(length.mean(1))[1],
                "eos_share": float(smp.ended.mean()), "reward_A": float(R[..., 0].mean()),
                "reward_B": float(R[..., 1].mean())}
     arrays = {"R": R, "win_per_prompt": win["per_prompt"], "len": length}
@@ -1208,10 +1209,10 @@ def aggregate(cfg: LMRegretConfig, record: dict) -> dict:
         # Monte Carlo SE of the seed-averaged win rate vs pi_ref, clustered by evaluation prompt
         per = np.mean([arrays[Task(r0.kappa, r0.n, r0.method, int(sd), None if r0.g == "-" else r0.g,
                                    None if r0.M == 0 else int(r0.M)).id]["win_per_prompt"] for sd in grp.seed], axis=0)
-        s["win_ref_mc_se_of_mean"] = float(per.std(ddof=1) / math.sqrt(len(per)))
+        s["win_ref_mc_se_of_mean"] = mean_se(per)[1]
         if r0.method != "dpo":
             per = np.mean([per_prompt_dpo[(cell, sd)] for sd in grp.seed], axis=0)
-            s["win_dpo_mc_se_of_mean"] = float(per.std(ddof=1) / math.sqrt(len(per)))
+            s["win_dpo_mc_se_of_mean"] = mean_se(per)[1]
             lo, hi = s["win_dpo_lo"], s["win_dpo_hi"]
             s["verdict"] = "helps" if lo > 0.5 else ("hurts" if hi < 0.5 else "no detectable difference")
         cells.append(s)
