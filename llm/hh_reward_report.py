@@ -298,15 +298,6 @@ def _bias_table(df: pd.DataFrame, d: int) -> list[str]:
     return lines
 
 
-def _exponent(n, b):
-    """Least-squares slope ``k`` of ``log |bias| = const - k log n`` (``|bias| ~ n^-k``)."""
-    n, b = np.asarray(n, float), np.asarray(b, float)
-    ok = b > 0
-    if ok.sum() < 2:
-        return float("nan")
-    return float(-np.polyfit(np.log(n[ok]), np.log(b[ok]), 1)[0])
-
-
 def limit_bias(points, with_N: bool) -> dict:
     """Fit ``bias_j(n, N) = u_j / n [+ v_j / N] + c_j`` per coordinate by weighted least squares over
     independent cells ``points = [(n, N, bias_vec, se_vec), ...]`` and test ``c = 0`` (the

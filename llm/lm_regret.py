@@ -73,7 +73,6 @@ PI_REF_PRESETS = {
 G_KINDS = ("oracle", "one-type", "noisy", "learned", "self", "constant")
 BASELINES = ("dpo", "cdpo", "rdpo")
 LAMS = ("1", "auto")
-METHOD_LABEL = {"dpo": "DPO", "cdpo": "cDPO", "rdpo": "rDPO", "vrpo": "VRPO (lam=1)", "vrpo-auto": "VRPO (lam=auto)"}
 
 
 def default_data_dir() -> str:
