@@ -17,8 +17,9 @@ Add one by subclassing :class:`Scenario` and registering it::
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit as sigmoid
 from scipy.stats import cauchy, norm
+
+from vrpo.loss import sigmoid  # the one sigmoid (re-exported for scenario plugins)
 
 from .bandit import Bandit
 from .registry import SCENARIOS, register_scenario
