@@ -454,12 +454,12 @@ def make_fragment(result: dict, pngs: list[Path], fig_dir: Path) -> str:
 def _summary(result: dict, df: pd.DataFrame) -> dict:
     """Numbers the report's README block quotes (computed here, embedded in the fragment)."""
     out = {}
-    for m in ("vr", "vr-auto"):
+    for m, key in (("vr", "vr"), ("vr-auto", "auto")):  # keys as analysis.report reads them (llm_auto_ratio_*)
         s = df[(df["g"] == "llm") & (df["method"] == m)]["var_ratio"]
         if len(s):
-            out[f"llm_{m}_ratio_median"] = round(float(s.median()), 2)
-            out[f"llm_{m}_ratio_min"] = round(float(s.min()), 2)
-            out[f"llm_{m}_ratio_max"] = round(float(s.max()), 2)
+            out[f"llm_{key}_ratio_median"] = round(float(s.median()), 2)
+            out[f"llm_{key}_ratio_min"] = round(float(s.min()), 2)
+            out[f"llm_{key}_ratio_max"] = round(float(s.max()), 2)
     study = pd.DataFrame([r for c in result["cells"] for r in c.get("bias_study", [])])
     if len(study) and "bias_vec" in study.columns:
         study["bias"] = [_debiased_norm(b, se) for b, se in zip(study["bias_vec"], study["bias_se_vec"])]

@@ -259,3 +259,13 @@ def test_bias_explanation_follows_the_numbers():
     up = " ".join(_bias_explanation(result(1.2), df))
     assert "cuts it by 50%" in down and "does not reduce it (+20%)" in up
     assert "0.0225 at N = 32000" in down and "0.0540 at N = 32000" in up
+
+
+def test_fragment_summary_has_the_keys_the_report_reads():
+    """analysis.report reads llm_vr_ratio_median and llm_auto_ratio_median from the fragment's summary."""
+    from llm.hh_reward_report import _summary
+
+    df = pd.DataFrame([dict(g="llm", method="vr", var_ratio=2.0), dict(g="llm", method="vr", var_ratio=3.0),
+                       dict(g="llm", method="vr-auto", var_ratio=0.9), dict(g="learned", method="vr-auto", var_ratio=5.0)])
+    out = _summary({"cells": []}, df)
+    assert out["llm_vr_ratio_median"] == 2.5 and out["llm_auto_ratio_median"] == 0.9
