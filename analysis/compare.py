@@ -1,4 +1,4 @@
-"""Theory vs simulation (METHOD.md sections 3-4): one row per scenario x method x g x n.
+"""Theory vs simulation (docs/method.md sections 3-4): one row per scenario x method x g x n.
 
 For each cell of a Monte Carlo sweep this puts side by side
 

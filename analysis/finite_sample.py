@@ -1,4 +1,4 @@
-"""The finite-sample side of ``lam = 1`` (issue 10, item 4).
+"""The finite-sample side of ``lam = 1``.
 
 At ``lam = 1`` the labelled pairs carry none of the curvature of ``L_VR`` (their rows have
 weight ``1 - lam``), so the objective is the BT loss of the *extra* pairs' ``g`` plus a

@@ -1,7 +1,7 @@
-"""Deliberately wrong versions of the theory and of the estimator (mutation tests, issue 10).
+"""Deliberately wrong versions of the theory and of the estimator (mutation tests).
 
 A validation that cannot fail proves nothing. Each mutant below is a plausible error in
-the asymptotic theory of METHOD.md s3 or in the estimator's inference; ``vrpo validate``
+the asymptotic theory of docs/method.md s3 or in the estimator's inference; ``vrpo validate``
 (:mod:`analysis.validate`) compares each with the same simulated statistic as the
 correct version, and must reject every mutant while passing the correct one.
 

@@ -4,7 +4,7 @@ Every sentence that states a number or a direction is computed from the results:
 simulation summaries, theory, comparison tables, the ``lam = 1`` study, and the summary
 lines embedded in the fragments other commands write to ``paper_figures/sections/``
 (``vrpo validate`` -> ``validation.md``, ``vrpo hh-reward`` -> ``hh_reward.md``, ...).
-Fixed prose only describes procedures or restates METHOD.md's theory. Words such as
+Fixed prose only describes procedures or restates docs/method.md's theory. Words such as
 "above"/"below", "helps"/"hurts" are chosen by comparing numbers (:func:`_word`).
 
 The report also carries the README's findings block (between ``README_START`` and
@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,24 @@ import pandas as pd
 
 import vrpo
 from vrpo_common.fileio import atomic_path
+from vrpo_common.report import git_commit, md_table
 from vrpo_common.stats import Z95, holm_threshold, p_two_sided
 
 from .compare import CHECKS, Z_FLAG, agreement_summary, holm_table, shared_data_groups
+from .sweeps import MISSPEC
 from .validate_report import read_summary
 
-MISSPEC_REF = "mixture:1.0"
+MISSPEC_REF = MISSPEC  # the reference misspecified scenario (F1, F3, F5)
 ALPHA_FIG = 1e-3  # family-wise level of the figure-sweep comparisons (Holm)
 __all__ = ["write_report", "render_report", "readme_block", "SECTION_ORDER", "README_START", "README_END"]
 
 SECTION_ORDER = (
-    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`, issue 4)"),
-    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`, issue 5)"),
+    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`)"),
+    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`)"),
     ("llm_regret.md", "regret curves on a language model with a known gold preference (`vrpo llm-regret --publish`)"),
 )
 VALIDATION_SECTION = ("validation.md", "independent high-power checks and mutation tests (`vrpo validate --default "
-                      "--fragment paper_figures/sections/validation.md`, issue 10)")
+                      "--fragment paper_figures/sections/validation.md`)")
 README_START = "<!-- readme-findings:start -->"
 README_END = "<!-- readme-findings:end -->"
 CHECK_NAMES = {
@@ -65,22 +66,6 @@ def _pm(v, se, fmt="{:.3f}"):
 def _word(x, pos, neg, zero="", tol=0.0):
     """``pos`` if ``x > tol``, ``neg`` if ``x < -tol``, else ``zero`` (directions are computed, never typed)."""
     return pos if x > tol else (neg if x < -tol else zero)
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in df.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in r) + " |")
-    return "\n".join(lines)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001  (git missing: the report still renders)
-        return "unknown"
 
 
 def _fragment(out_dir: Path, name: str) -> str | None:
@@ -141,7 +126,7 @@ def _gain_bullet(N) -> str | None:
     none = sorted(f for f, g in k.groupby("family") if np.all(np.abs(g["var_ratio_th"] - 1) < 0.02))
     bt = N["bt_th"]
     bt_txt = f"ratio {_f(float(bt.iloc[0]), '{:.3f}')}" if len(bt) else "ratio 1"
-    return ("VR's gain is the within-prompt misspecification variance `(1 - 1/M) E_x Var(m | x)` (METHOD.md s3): "
+    return ("VR's gain is the within-prompt misspecification variance `(1 - 1/M) E_x Var(m | x)` (docs/method.md s3): "
             f"none under BT ({bt_txt} predicted), {_f(100 * N['mixture_gain'], '{:.0f}')}% in the two-annotator "
             "mixture, up to " + " and ".join(f"{_f(100 * (1 - r.var_ratio_th), '{:.0f}')}% in `{r.scenario}`"
                                               for r in best.itertuples())
@@ -330,7 +315,7 @@ def _findings(fs, val, hh) -> list[str]:
                       if len(bt) else "no cell at n >= 1000")
                    + ") and, within 2%, in "
                    + (", ".join(f"`{s}`" for s in none["scenario"]) if len(none) else "no other cell of the zoo")
-                   + ". By METHOD.md s3 the gain is the within-prompt misspecification variance (1 - 1/M) E_x Var(m|x), "
+                   + ". By docs/method.md s3 the gain is the within-prompt misspecification variance (1 - 1/M) E_x Var(m|x), "
                    "zero when BT holds.")
     pb = _prompt_bullet(N)
     if pb:
@@ -498,11 +483,11 @@ def _agreement_section(fs, val_text) -> list[str]:
     t = pd.DataFrame({
         "check": [CHECK_NAMES[c] for c in agg["check"]],
         f"cells (n >= {n_min})": agg["cells"], f"abs z > {Z_FLAG:g}": agg["cells"] - agg["within"],
-        f"expected by chance": [f"{c * p_two_sided(Z_FLAG):.2f}" for c in agg["cells"]],
+        "expected by chance": [f"{c * p_two_sided(Z_FLAG):.2f}" for c in agg["cells"]],
         "rejected (Holm)": [int(rej.get(c, 0)) for c in agg["check"]],
         "all n: within / cells": [f"{w} / {c}" for w, c in zip(agg_all["within"], agg_all["cells"])],
     })
-    out += [_md_table(t), ""]
+    out += [md_table(t), ""]
     flagged = long[(long["z"].abs() > Z_FLAG) | long["rejected"]] if nz else long
     if len(flagged):
         out.append(f"Flagged comparisons (|z| > {Z_FLAG:g} or rejected) and the numbers behind each:")
@@ -513,7 +498,7 @@ def _agreement_section(fs, val_text) -> list[str]:
             "Holm p": [f"{v:.2g}" for v in flagged["p_holm"]],
             "diagnosis": [_diagnose(r, comp, groups, fs) for r in flagged.itertuples()],
         })
-        out += [_md_table(ft), ""]
+        out += [md_table(ft), ""]
     else:
         out += [f"No comparison at n >= {n_min} is beyond {Z_FLAG:g} SE.", ""]
     shared = {k: v for k, v in groups.items() if v}
@@ -542,7 +527,7 @@ def _agreement_section(fs, val_text) -> list[str]:
         "flag": ["⚑" if any(abs(getattr(r, f"z_{c}", np.nan)) > Z_FLAG for c in CHECKS if hasattr(r, f"z_{c}"))
                  else "" for r in show.itertuples()],
     })
-    out += ["<details><summary>Full theory-vs-simulation table of the figure sweeps</summary>", "", _md_table(full), "",
+    out += ["<details><summary>Full theory-vs-simulation table of the figure sweeps</summary>", "", md_table(full), "",
             "</details>", ""]
     return out
 
@@ -554,8 +539,8 @@ def _reference_section(fs) -> list[str]:
     cfg = fs.configs["reference"]
     mle = t[t["method"] == "mle"].iloc[0]
     vr = t[t["method"] == "vr"].iloc[0]
-    out = ["### METHOD.md section 6 reference numbers", ""]
-    out.append("METHOD.md reports, for its own construction of the bandit (d = 4, K = 8, uniform pi_ref, beta = 1, "
+    out = ["### Reference numbers of docs/method.md section 7", ""]
+    out.append("docs/method.md section 7 reports, for its own construction of the bandit (d = 4, K = 8, uniform pi_ref, beta = 1, "
                "mixture at scale 10, M = 4, oracle g, n = 1000, 400 replications), tr V_MLE = 100.0, tr V_VR = 86.8 "
                "(ratio 0.87), simulated n tr Cov 106.6 and 93.8, n E[regret] 5.11 ± 0.19 (MLE) and 4.46 ± 0.16 (VR) "
                f"against theory 4.87 and 4.23. Our sweep `reference` (`{cfg.scenarios[0]}`, scale {cfg.scale:g}, seed "
@@ -570,12 +555,12 @@ def _reference_section(fs) -> list[str]:
         "ratio VR/MLE": [_f(vr["var_ratio_th"]), _pm(vr["var_ratio_sim"], vr["var_ratio_sim_se"]),
                          _f(vr["regret_ratio_th"]), _pm(vr["regret_ratio_sim"], vr["regret_ratio_sim_se"])],
     })
-    out += [_md_table(tab), ""]
+    out += [md_table(tab), ""]
     d = float(vr["var_ratio_th"]) - 0.87
     out.append(f"Our predicted variance ratio {_f(vr['var_ratio_th'])} is {abs(d):.3f} {_word(d, 'above', 'below', 'at')} "
-               f"METHOD.md's 0.87, and our tr V_MLE {_f(mle['trV_th'], '{:.1f}')} is "
+               f"docs/method.md's 0.87, and our tr V_MLE {_f(mle['trV_th'], '{:.1f}')} is "
                f"{100.0 / float(mle['trV_th']):.1f} times smaller than its 100.0: the scenario's construction (annotator "
-               "types, feature law) is not the one behind METHOD.md's numbers, so only the ratio is comparable. No "
+               "types, feature law) is not the one behind docs/method.md's numbers, so only the ratio is comparable. No "
                "tuning was done to match.")
     out.append("")
     return out
@@ -589,7 +574,7 @@ def _coverage_section(fs) -> list[str]:
     for r in sub.itertuples(index=False):
         piv.setdefault((r.scenario, r.n), {})[r.method] = _pm(r.coverage_sim, r.coverage_sim_se)
     rows = [{"scenario": s, "n": n, **{m: v.get(m, "-") for m in ["mle", "vr", "vr-auto"]}} for (s, n), v in piv.items()]
-    out += [_md_table(pd.DataFrame(rows).rename(columns={"mle": "BT-MLE", "vr": "VR", "vr-auto": "VR-auto"})), ""]
+    out += [md_table(pd.DataFrame(rows).rename(columns={"mle": "BT-MLE", "vr": "VR", "vr-auto": "VR-auto"})), ""]
     k = comp[comp["sweep"] == "kappa"]
     if len(k):
         lo = k.groupby("method")["coverage_sim"].agg(["min", "median", "max"])
@@ -615,7 +600,7 @@ def _lam1_section(fs) -> list[str]:
         "selection shift of MLE twins (SD; z)": [("-" if not np.isfinite(a) else f"{a:.3f}; {b:.1f}")
                                                  for a, b in zip(d["selection_sd"], d["selection_z"])],
     })
-    out += ["<details><summary>Table behind F7</summary>", "", _md_table(tab), "", "</details>", ""]
+    out += ["<details><summary>Table behind F7</summary>", "", md_table(tab), "", "</details>", ""]
     return out
 
 
@@ -681,7 +666,7 @@ def render_report(fs) -> str:
     hh = read_summary(_fragment(fs.out_dir, "hh_reward.md") or "")
     head = ["# Theory checks and paper figures", "",
             f"*Generated by `vrpo figures` ({'smoke configuration, ' if fs.smoke else ''}vrpo {vrpo.__version__}, "
-            f"commit {_git_commit()}, {now}). Do not edit: rerun the command. Sweeps, studies and theory "
+            f"commit {git_commit()}, {now}). Do not edit: rerun the command. Sweeps, studies and theory "
             f"{'read from cache' if fs.data.get('all_cached') else 'computed'} in {_f(tm.get('sweeps_and_theory'), '{:.0f}')} s, "
             f"figures drawn in {_f(tm.get('figures'), '{:.0f}')} s.*", ""]
     if fs.smoke:

@@ -1,4 +1,4 @@
-"""Population theory of METHOD.md section 3 for any scenario, auxiliary model, M and ``lam``.
+"""Population theory of docs/method.md section 3 for any scenario, auxiliary model, M and ``lam``.
 
 For a scenario and an auxiliary model ``g`` this computes, at ``theta*``,
 
@@ -25,12 +25,12 @@ is a sample of ``n_ctx`` contexts split into ``n_batches`` batches, and every sc
 carries its delete-one-batch jackknife standard error (``theta*`` held fixed; its own
 Monte Carlo error is reported separately as ``theta_star_se``).
 
-Limiting auxiliary models: ``oracle``, ``biased``, ``constant`` are evaluated by the
-``sim`` auxiliary model itself on all arm pairs; ``noisy:s`` is integrated over its
-Gaussian logit noise by Gauss-Hermite quadrature (:data:`GH_NODES` nodes); ``self``
-uses its limit ``sigma(theta* . X)`` (then ``S1 = S2 = 0``: VR equals the MLE);
-``learned:K`` uses the population ridge-logistic fit of its feature class (fitted on
-the first :data:`LEARNED_CTX` contexts; cross-fitting does not change the limit).
+Each auxiliary model supplies its own limit (``gbar``, ``Var(g | pair)``) through
+:meth:`sim.aux_models.AuxModel.population_limit`: ``oracle``, ``biased``,
+``constant`` evaluate themselves on all arm pairs; ``noisy:s`` integrates over its
+Gaussian logit noise; ``self`` tends to ``sigma(theta* . X)`` (then ``S1 = S2 = 0``:
+VR equals the MLE); ``learned:K`` to the population ridge-logistic fit of its
+feature class (cross-fitting does not change the limit).
 """
 
 from __future__ import annotations
@@ -43,23 +43,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit, logit
+from scipy.special import expit
 
 import vrpo
-from sim.aux_models import make_aux, quadratic_pair_features
+from sim.aux_models import make_aux
 from sim.bandit import Bandit, BanditSpec, Contexts
-from sim.data import PairData
-from vrpo_common.fileio import atomic_path
 from sim.policy import log_policy_linear
 from sim.population import all_pairs
 from sim.scenarios import make_scenario
 from vrpo.variance import VarianceParts, margins, pair_hessian, pair_score, xtwx
+from vrpo_common.fileio import atomic_path
 
-__all__ = ["PopulationTheory", "population_theory", "policy_G", "aux_limit", "METHOD_LAM", "GH_NODES",
-           "LEARNED_CTX", "THEORY_VERSION", "theory_cached"]
+__all__ = ["PopulationTheory", "population_theory", "policy_G", "aux_limit", "THEORY_VERSION", "theory_cached"]
 
-GH_NODES = 40  # Gauss-Hermite nodes for the noisy annotator's logit noise
-LEARNED_CTX = 3000  # contexts used to fit the limiting 'learned' g
 THEORY_VERSION = 2
 _STREAM_THEORY = 0x7E0
 
@@ -90,56 +86,21 @@ def _policy_G_sum(pi, phi):
 # --------------------------------------------------------------------------- limiting g
 
 
-def _all_pairs_data(ctx: Contexts, P):
-    """All ``K^2`` ordered arm pairs of every context as a one-replication :class:`PairData`."""
-    C, K, d = ctx.phi.shape
-    phi1 = np.broadcast_to(ctx.phi[:, :, None, :], (C, K, K, d)).reshape(1, C * K * K, d)
-    phi2 = np.broadcast_to(ctx.phi[:, None, :, :], (C, K, K, d)).reshape(1, C * K * K, d)
-    x = np.broadcast_to(ctx.x[:, None, None, :], (C, K, K, ctx.x.shape[-1])).reshape(1, C * K * K, -1)
-    p = P.reshape(1, C * K * K)
-    return PairData(x=x, phi1=phi1, phi2=phi2, p=p, Z=p.copy(), x_aux=x[:, :, None, :], phi1_aux=phi1[:, :, None, :],
-                    phi2_aux=phi2[:, :, None, :], p_aux=p[:, :, None], aux_prompts="same")
-
-
 def aux_limit(g_spec: str, scenario, theta_star, ctx: Contexts, P, state: dict | None = None):
     """Limiting ``(gbar, var_g)`` of auxiliary model ``g_spec`` on all arm pairs, ``(C, K, K)`` each.
 
-    ``gbar = E[g | pair]``, ``var_g = Var(g | pair)`` over the annotator's own noise
-    (zero for deterministic ``g``). ``state`` caches fitted limits (``learned``) across calls.
+    The model computes it (:meth:`sim.aux_models.AuxModel.population_limit`).
+    ``state`` maps :meth:`~sim.aux_models.AuxModel.limit_key` to the result of
+    :meth:`~sim.aux_models.AuxModel.fit_limit` on the theory's whole context
+    sample; a model needing one that ``state`` lacks fits it on ``ctx``.
     """
     aux = make_aux(g_spec, scenario)
-    name = aux.name
-    X = ctx.phi[:, :, None, :] - ctx.phi[:, None, :, :]  # (C, K, K, d)
-    zero = np.zeros(P.shape)
-    if name in ("oracle", "biased", "constant"):
-        g, _ = aux(_all_pairs_data(ctx, P), [np.random.default_rng(0)])
-        return g.reshape(P.shape), zero
-    if name == "noisy":
-        z, w = np.polynomial.hermite_e.hermegauss(GH_NODES)
-        w = w / w.sum()  # probabilists' Gauss-Hermite: E f(eps), eps ~ N(0, 1)
-        lp = logit(np.clip(P, 1e-12, 1 - 1e-12))[..., None]  # same clipping as sim.aux_models.Noisy
-        gz = expit(lp + aux.s * z)  # (C, K, K, nodes)
-        m1 = gz @ w
-        m2 = (gz * gz) @ w
-        return m1, np.maximum(m2 - m1 * m1, 0.0)
-    if name == "self":
-        return expit(margins(theta_star, X)), zero
-    if name == "learned":
-        key = ("learned", aux.ridge)
-        if state is None or key not in state:
-            raise ValueError("aux_limit('learned') needs state[('learned', ridge)]: the limiting weights")
-        w_l = state[key]
-        F = quadratic_pair_features(ctx.x[:, None, None, :], ctx.phi[:, :, None, :], ctx.phi[:, None, :, :])
-        return expit(F @ w_l), zero
-    raise NotImplementedError(f"no population limit for auxiliary model {g_spec!r}; add one to analysis.theory.aux_limit")
-
-
-def _learned_limit(aux, scenario, ctx: Contexts):
-    """Population ridge-logistic fit of the 'learned' feature class (the limit of its K-fold fits)."""
-    X, P, W, _ = all_pairs(scenario, ctx)
-    C, K = P.shape[:2]
-    F = quadratic_pair_features(ctx.x[:, None, None, :], ctx.phi[:, :, None, :], ctx.phi[:, None, :, :])
-    return vrpo.fit_bt_population(F.reshape(C * K * K, -1), P.reshape(-1), W.reshape(-1), ridge=aux.ridge)
+    key = aux.limit_key()
+    if state is None or key not in state:
+        fitted = aux.fit_limit(ctx)
+        if state is not None:
+            state[key] = fitted
+    return aux.population_limit(ctx, P, theta_star, state[key] if state is not None else fitted)
 
 
 # --------------------------------------------------------------------------- moments
@@ -207,9 +168,6 @@ def _parts_from_moments(mom: dict, M: int, aux_prompts: str, aux_factor: float |
 
 
 # --------------------------------------------------------------------------- result
-
-
-METHOD_LAM = {"mle": 0.0, "vr": 1.0, "vr-auto": "auto"}
 
 
 @dataclass
@@ -390,12 +348,11 @@ def population_theory(spec: BanditSpec, scenario: str, g: str | list[str], M: in
 
         theta_star = _theta_star(scen, ctx)
     th, th_se = theta_star
-    state = {}
+    state = {}  # limit_key -> fit_limit on the whole context sample
     for gs_ in gs:
         aux = make_aux(gs_, scen)
-        if aux.name == "learned" and ("learned", aux.ridge) not in state:
-            sub = Contexts(ctx.x[:LEARNED_CTX], ctx.phi[:LEARNED_CTX], ctx.log_pi_ref[:LEARNED_CTX])
-            state[("learned", aux.ridge)] = _learned_limit(aux, scen, sub)
+        if aux.limit_key() not in state:
+            state[aux.limit_key()] = aux.fit_limit(ctx)
     bs = n_ctx // n_batches
     per_g = {gs_: [] for gs_ in gs}
     for b in range(n_batches):

@@ -1,4 +1,4 @@
-"""``vrpo validate``: a validation of the theory that can fail (issue 10).
+"""``vrpo validate``: a validation of the theory that can fail.
 
 What it does
 ------------
@@ -37,7 +37,8 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ class Cell:
     reps: int
     g: str = "oracle"
     M: int = 4
-    aux_prompts: str = "same"
+    aux_prompts: Literal["same", "fresh"] = "same"
     lams: tuple = (0.0, 1.0)
     auto: bool = True
     checks: tuple = ("ratio",)
@@ -521,7 +522,7 @@ def lam_argmin(thetas) -> tuple[float, float]:
     """The variance-minimising ``lam`` from fits at ``lam = 0, 1/2, 1`` on common data, and its SE.
 
     ``thetas``: three ``(R, d)`` arrays. ``tr Cov(theta_hat(lam))`` is a quadratic in ``lam``
-    to first order (METHOD.md s3); through its values ``T0, Th, T1`` at the grid,
+    to first order (docs/method.md s3); through its values ``T0, Th, T1`` at the grid,
     ``q2 = 2 T1 - 4 Th + 2 T0``, ``q1 = 4 Th - 3 T0 - T1`` and ``lam = -q1 / (2 q2)``;
     delta-method SE over the paired per-replication squared deviations.
     """

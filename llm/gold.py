@@ -41,6 +41,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ class GoldPreference:
     theta_A: tuple
     theta_B: tuple
     kappa: float = 1.0
-    weight: str = "constant"
+    weight: Literal["constant", "prompt"] = "constant"
     w_max: float = 0.5
     prompt_theta: tuple = ()
     scale_A: float = 1.0

@@ -36,6 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,9 @@ import pandas as pd
 from scipy.special import expit
 
 from vrpo import ConvergenceWarning, fit_bt, logistic_loss
+from vrpo.crossfit import cross_fit_logistic
 from vrpo_common.fileio import json_default, save_figure, write_json, write_text
-from vrpo_common.stats import Z95, paired_ratio, sq_dev
+from vrpo_common.stats import Z95, mean_se, paired_ratio, sq_dev
 
 __all__ = [
     "HHRewardConfig",
@@ -62,8 +64,6 @@ __all__ = [
 OBJECTIVES = ("helpful", "harmless")
 SUBSETS = ("helpful", "harmless")
 AUX_MODELS = ("llm", "learned", "constant")
-METHODS = ("mle", "vr", "auto")
-METHOD_LABEL = {"mle": "MLE", "vr": "VR (lam=1)", "auto": "VR-auto"}
 G_LABEL = {"llm": "GPT-3.5 label", "learned": "learned g (cross-fitted)", "constant": "constant 1/2"}
 
 
@@ -97,7 +97,7 @@ class HHRewardConfig:
     bias_N: tuple[int, ...] = (500, 2000, 8000, 32000)
     bias_reps: int = 400
     seed: int = 0
-    on_error: str = "skip"
+    on_error: Literal["raise", "skip"] = "skip"
     cache_dir: str | None = None
     out_dir: str = "results/hh_reward"
     fig_dir: str = "paper_figures"
@@ -252,26 +252,13 @@ def learned_g(F, Z, F_aux, k_folds: int, ridge: float):
     """Cross-fitted calibrated classifier ``g = sigma(F . beta)``, batched over replications.
 
     ``F``: ``(R, n, p)`` inputs of the labelled pairs (here ``[2L - 1, X]``), ``Z``:
-    ``(R, n)``; ``F_aux``: ``(R, N, p)``. Fold ``k`` holds positions
-    ``[k n/K, (k+1) n/K)`` (labelled draws are i.i.d., so contiguous folds are random).
-    Labelled pairs get the prediction of the model not trained on them; extra pairs
-    the mean over the ``K`` models. No intercept, so ``g(x,b,a) = 1 - g(x,a,b)``.
+    ``(R, n)``; ``F_aux``: ``(R, N, p)`` (independent extra pairs). The same helper
+    as the bandit ``learned`` model (:func:`vrpo.crossfit.cross_fit_logistic`):
+    labelled pairs get the prediction of the fold model not trained on them, extra
+    pairs the mean over the ``K`` models. No intercept, so ``g(x,b,a) = 1 - g(x,a,b)``.
     Returns ``(g (R, n), g_aux (R, N))``.
     """
-    R, n, p = F.shape
-    K = k_folds
-    m = n // K
-    fold = np.arange(n) // m  # (n,)
-    train = np.stack([np.flatnonzero(fold != k) for k in range(K)])  # (K, n - m)
-    Ft = F[:, train]  # (R, K, n-m, p)
-    Zt = Z[:, train]  # (R, K, n-m)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        beta = fit_bt(Ft, Zt, lam=0, ridge=ridge).theta  # (R, K, p)
-    g_all = expit(np.einsum("rnp,rkp->rnk", F, beta))  # (R, n, K)
-    g = np.take_along_axis(g_all, fold[None, :, None].repeat(R, 0), axis=2)[..., 0]  # (R, n)
-    g_aux = expit(np.einsum("rnp,rkp->rnk", F_aux, beta)).mean(axis=2)  # (R, N)
-    return g, g_aux
+    return cross_fit_logistic(F, Z, F_aux, k_folds, ridge=ridge)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -302,25 +289,25 @@ def _row(s, base, meta):
     """Summary row of one method against MLE, over replications where both converged.
 
     A replication whose fit did not converge (for ``lam = 1`` with hard 0/1 labels the
-    VR objective can be unbounded below at small ``n``) is counted in ``diverged`` and
+    VR objective can be unbounded below at small ``n``) is counted in ``nonconverged`` and
     left out of every average, paired with MLE.
     """
     ok = s["conv"] & base["conv"]
     R = int(ok.sum())
-    diverged = int((~s["conv"]).sum())
+    nonconverged = int((~s["conv"]).sum())
     if R < 3:
-        return dict(meta, reps_used=R, diverged=diverged)
+        return dict(meta, reps_used=R, nonconverged=nonconverged)
     base_all = base
     s = {k: v[ok] for k, v in s.items()}
     base = {k: v[ok] for k, v in base.items()}
     q, q0 = sq_dev(s["theta"]), sq_dev(base["theta"])
     m = lambda a: float(np.mean(a))  # noqa: E731
-    se = lambda a: float(np.std(a, ddof=1) / math.sqrt(R))  # noqa: E731
+    se = lambda a: mean_se(a)[1]  # noqa: E731
     var_ratio, var_ratio_se = paired_ratio(q, q0)
     sand_ratio, sand_ratio_se = paired_ratio(s["sand"], base["sand"])
     calib, calib_se = paired_ratio(s["sand"], q)
     return dict(
-        meta, reps_used=R, diverged=diverged,
+        meta, reps_used=R, nonconverged=nonconverged,
         var_emp=m(q), var_emp_se=se(q),
         var_sandwich=m(s["sand"]), calibration=calib, calibration_se=calib_se,
         var_ratio=var_ratio, var_ratio_se=var_ratio_se,
@@ -422,7 +409,7 @@ def run_cell(cfg: HHRewardConfig, cell: CellData, pbar=None) -> tuple[list[dict]
                     g, ga = learned_g(F, Z, Fa, cfg.k_folds, cfg.learned_ridge)
                 g_acc = float(np.mean((g > 0.5) == (Z > 0.5)))
                 g_brier = float(np.mean((g - Z) ** 2))
-                for method, lam in (("vr", 1.0), ("auto", "auto")):
+                for method, lam in (("vr", 1.0), ("vr-auto", "auto")):
                     s = _summaries(fit_bt(X, Z, g, Xa, ga, lam=lam), Xh, Zh, theta_star)
                     meta = dict(cell=cell.name, subset=cell.subset, objective=cell.objective, n=n, g=gname,
                                 method=method, g_acc_labelled=g_acc, g_brier_labelled=g_brier)
@@ -559,11 +546,22 @@ def write_outputs(cfg: HHRewardConfig, result: dict) -> dict:
     return dict(results=out / "results.json", figures=paths, fragment=fig_dir / "sections" / "hh_reward.md")
 
 
+def _upgrade_names(result: dict) -> dict:
+    """Results saved before the names followed the bandit runner's: method ``auto`` is
+    ``vr-auto``, the count ``diverged`` is ``nonconverged``."""
+    for r in result.get("rows", []):
+        if r.get("method") == "auto":
+            r["method"] = "vr-auto"
+        if "diverged" in r:
+            r["nonconverged"] = r.pop("diverged")
+    return result
+
+
 def regenerate(results_json, fig_dir) -> dict:
     """Redraw the figure and the report fragment from a saved ``results.json`` (no refitting)."""
     from .hh_reward_report import make_figure, make_fragment
 
-    result = json.loads(Path(results_json).read_text(encoding="utf-8"))
+    result = _upgrade_names(json.loads(Path(results_json).read_text(encoding="utf-8")))
     fig_dir = Path(fig_dir)
     paths = make_figure(result, fig_dir, partial(save_figure, dpi=130, bbox_inches="tight"))
     frag = make_fragment(result, [p for p in paths if p.suffix == ".png"], fig_dir)

@@ -22,7 +22,7 @@ __all__ = ["make_figure", "make_fragment", "verdict"]
 G_ORDER = ("llm", "learned", "constant")
 G_LABEL = {"llm": "GPT-3.5 label", "learned": "learned g (cross-fitted)", "constant": "constant 1/2"}
 G_COLOR = {"llm": "tab:red", "learned": "tab:blue", "constant": "tab:gray"}
-M_STYLE = {"vr": ("-", "o", "VR (lam=1)"), "auto": ("--", "s", "VR-auto")}
+M_STYLE = {"vr": ("-", "o", "VR (lam=1)"), "vr-auto": ("--", "s", "VR-auto")}
 FIG_NAME = "hh_reward_variance_accuracy"
 SIG = 2.0  # a ratio "helps"/"hurts" when it is more than SIG standard errors from 1
 
@@ -107,20 +107,20 @@ def _verdict_lines(df: pd.DataFrame) -> list[str]:
         parts = []
         for g in [g for g in G_ORDER if g in set(d["g"])]:
             sub = []
-            for m in ("vr", "auto"):
+            for m in ("vr", "vr-auto"):
                 s = d[(d["g"] == g) & (d["method"] == m)].sort_values("n")
                 v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
                 helps = s["n"][[x == "helps" for x in v]].tolist()
                 hurts = s["n"][[x == "hurts" for x in v]].tolist()
                 lo, hi = s["var_ratio"].min(), s["var_ratio"].max()
                 txt = f"{M_STYLE[m][2]}: variance ratio {lo:.2f}–{hi:.2f}; helps at n = {_ns_list(helps)}; hurts at n = {_ns_list(hurts)}"
-                if m == "auto":
+                if m == "vr-auto":
                     txt += f"; mean lam {s['lam_mean'].min():.2f}–{s['lam_mean'].max():.2f}"
-                div = s[s["diverged"] > 0]
+                div = s[s["nonconverged"] > 0]
                 if len(div):
                     txt += "; no finite minimiser in " + ", ".join(
                         f"{int(k)} of {int(k + u)} subsamples at n = {int(n)}"
-                        for k, u, n in zip(div["diverged"], div["reps_used"], div["n"]))
+                        for k, u, n in zip(div["nonconverged"], div["reps_used"], div["n"]))
                     txt += " (left out, paired with MLE)"
                 sub.append(txt)
             parts.append(f"  - {G_LABEL[g]}: " + " | ".join(sub))
@@ -139,7 +139,7 @@ def _bottom_line(df: pd.DataFrame) -> str:
     if "llm" not in set(df["g"]):
         return ""
     out = []
-    for m in ("vr", "auto"):
+    for m in ("vr", "vr-auto"):
         s = df[(df["g"] == "llm") & (df["method"] == m)]
         v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
         k_help, k_hurt, tot = v.count("helps"), v.count("hurts"), len(v)
@@ -181,7 +181,7 @@ def _summary_statement(df: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
     n_cells, n_ns = df["cell"].nunique(), df["n"].nunique()
     for g in [g for g in G_ORDER if g in set(df["g"])]:
         bits = []
-        for m in ("vr", "auto"):
+        for m in ("vr", "vr-auto"):
             s = df[(df["g"] == g) & (df["method"] == m)]
             v = [verdict(r, e) for r, e in zip(s["var_ratio"], s["var_ratio_se"])]
             tot = len(v)
@@ -191,7 +191,7 @@ def _summary_statement(df: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
                    f"{_share(k_hurt, tot)} (ratio to MLE {s['var_ratio'].min():.2f}–{s['var_ratio'].max():.2f}, "
                    f"median {np.median(s['var_ratio']):.2f}); held-out accuracy changes by {acc_lo} to "
                    f"{acc_hi} points")
-            if m == "auto":
+            if m == "vr-auto":
                 txt += f"; its lam averages {s['lam_mean'].mean():.2f} (range of means {s['lam_mean'].min():.2f}–{s['lam_mean'].max():.2f})"
             bits.append(txt)
         out.append(f"- **{G_LABEL[g]}** ({n_cells} cells × {n_ns} sizes): " + ". ".join(bits) + ".")
@@ -214,10 +214,10 @@ def _ratio_table(df: pd.DataFrame) -> list[str]:
     lines = [head, "|" + "---|" * (3 + len(ns))]
     for cell in dict.fromkeys(df["cell"]):
         for g in [g for g in G_ORDER if g in set(df["g"])]:
-            for m in ("vr", "auto"):
+            for m in ("vr", "vr-auto"):
                 s = df[(df["cell"] == cell) & (df["g"] == g) & (df["method"] == m)].set_index("n")
                 vals = [f"{_fmt_ratio(s.loc[n, 'var_ratio'], s.loc[n, 'var_ratio_se'])} [{s.loc[n, 'sandwich_ratio']:.2f}]"
-                        + (f" †{int(s.loc[n, 'diverged'])}" if s.loc[n, "diverged"] > 0 else "")
+                        + (f" †{int(s.loc[n, 'nonconverged'])}" if s.loc[n, "nonconverged"] > 0 else "")
                         for n in ns]
                 lines.append(f"| {cell} | {G_LABEL[g]} | {M_STYLE[m][2]} | " + " | ".join(vals) + " |")
     return lines
@@ -232,7 +232,7 @@ def _acc_table(df: pd.DataFrame) -> list[str]:
         lines.append(f"| {cell} | MLE | " + " | ".join(
             f"{s.loc[n, 'acc']:.3f} / {s.loc[n, 'logloss']:.3f}" for n in ns) + " |")
         for g in [g for g in G_ORDER if g in set(d["g"])]:
-            for m in ("vr", "auto"):
+            for m in ("vr", "vr-auto"):
                 s = d[(d["g"] == g) & (d["method"] == m)].set_index("n")
                 lines.append(f"| {cell} | {G_LABEL[g]}, {M_STYLE[m][2]} | " + " | ".join(
                     f"{s.loc[n, 'acc_diff']:+.3f} / {s.loc[n, 'logloss_diff']:+.3f}" for n in ns) + " |")
@@ -246,7 +246,7 @@ def _calib_table(df: pd.DataFrame) -> list[str]:
              f"| coverage of theta* (n={n_lo}) | (n={n_hi}) |", "|" + "---|" * 9]
     for cell in dict.fromkeys(df["cell"]):
         d = df[df["cell"] == cell]
-        combos = [("none", "mle")] + [(g, m) for g in G_ORDER if g in set(d["g"]) for m in ("vr", "auto")]
+        combos = [("none", "mle")] + [(g, m) for g in G_ORDER if g in set(d["g"]) for m in ("vr", "vr-auto")]
         for g, m in combos:
             s = d[(d["g"] == g) & (d["method"] == m)].set_index("n")
             gl = "—" if g == "none" else G_LABEL[g]
@@ -288,7 +288,7 @@ def _bias_table(df: pd.DataFrame, d: int) -> list[str]:
              "cells, g and the d coordinates, with the Bonferroni 95% bound for that many values (exceeding it "
              "suggests a method centred away from theta*; at small n the O(1/n) bias of every M-estimator also counts):",
              "", "| method | " + " | ".join(f"n={n}" for n in ns) + " | bound |", "|" + "---|" * (2 + len(ns))]
-    for m in ("mle", "vr", "auto"):
+    for m in ("mle", "vr", "vr-auto"):
         s = df[df["method"] == m]
         per_n = s.groupby("n")["bias_z"].max()
         k = int(s.groupby("n").size().iloc[0]) * d  # values per n
@@ -296,15 +296,6 @@ def _bias_table(df: pd.DataFrame, d: int) -> list[str]:
         name = "MLE" if m == "mle" else M_STYLE[m][2]
         lines.append(f"| {name} | " + " | ".join(f"{per_n.loc[n]:.1f}" for n in ns) + f" | {bound:.1f} |")
     return lines
-
-
-def _exponent(n, b):
-    """Least-squares slope ``k`` of ``log |bias| = const - k log n`` (``|bias| ~ n^-k``)."""
-    n, b = np.asarray(n, float), np.asarray(b, float)
-    ok = b > 0
-    if ok.sum() < 2:
-        return float("nan")
-    return float(-np.polyfit(np.log(n[ok]), np.log(b[ok]), 1)[0])
 
 
 def limit_bias(points, with_N: bool) -> dict:
@@ -339,7 +330,7 @@ def _debiased_norm(b, se) -> float:
 
 
 def _bias_explanation(result: dict, df: pd.DataFrame) -> list[str]:
-    """Why VR at lam = 1 misses the same-target bound (issue 10 item 4); every number and direction computed."""
+    """Why VR at lam = 1 misses the same-target bound; every number and direction computed."""
     study = pd.DataFrame([r for c in result["cells"] for r in c.get("bias_study", [])])
     if study.empty or "bias_vec" not in df.columns or "bias_vec" not in study.columns:
         return []
@@ -388,12 +379,12 @@ def _bias_explanation(result: dict, df: pd.DataFrame) -> list[str]:
                  f"(d = {tests[0][1]['df']} each): "
                  + ("none is below 0.01; the data are consistent with VR targeting theta*."
                     if min(ps) >= 0.01 else f"{sum(p < 0.01 for p in ps)} below 0.01, so there the limit is not theta*."))
-    sel = vr[vr["diverged"] > 0]
+    sel = vr[vr["nonconverged"] > 0]
     if len(sel) and "selection_z" in sel.columns and np.isfinite(sel["selection_z"]).any():
         zmax = float(np.nanmax(sel["selection_z"]))
         L.append("")
         L.append(f"Fits without a finite minimiser occur at n = {', '.join(str(int(v)) for v in sorted(set(sel['n'])))} "
-                 f"({int(sel['diverged'].sum())} of {len(sel) * R0} draws there) and are left out; doing so moves the "
+                 f"({int(sel['nonconverged'].sum())} of {len(sel) * R0} draws there) and are left out; doing so moves the "
                  f"MLE twins' mean by at most {zmax:.1f} SE "
                  + ("(within noise)." if zmax < 3 else "(beyond noise: the exclusion itself biases the kept sample)."))
     return L
@@ -463,12 +454,12 @@ def make_fragment(result: dict, pngs: list[Path], fig_dir: Path) -> str:
 def _summary(result: dict, df: pd.DataFrame) -> dict:
     """Numbers the report's README block quotes (computed here, embedded in the fragment)."""
     out = {}
-    for m in ("vr", "auto"):
+    for m, key in (("vr", "vr"), ("vr-auto", "auto")):  # keys as analysis.report reads them (llm_auto_ratio_*)
         s = df[(df["g"] == "llm") & (df["method"] == m)]["var_ratio"]
         if len(s):
-            out[f"llm_{m}_ratio_median"] = round(float(s.median()), 2)
-            out[f"llm_{m}_ratio_min"] = round(float(s.min()), 2)
-            out[f"llm_{m}_ratio_max"] = round(float(s.max()), 2)
+            out[f"llm_{key}_ratio_median"] = round(float(s.median()), 2)
+            out[f"llm_{key}_ratio_min"] = round(float(s.min()), 2)
+            out[f"llm_{key}_ratio_max"] = round(float(s.max()), 2)
     study = pd.DataFrame([r for c in result["cells"] for r in c.get("bias_study", [])])
     if len(study) and "bias_vec" in study.columns:
         study["bias"] = [_debiased_norm(b, se) for b, se in zip(study["bias_vec"], study["bias_se_vec"])]

@@ -10,6 +10,8 @@ feature family). A fitted model is callable as ``model(prompts, a, b) -> P(a > b
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Sequence
 
 import numpy as np
@@ -76,11 +78,20 @@ class LinearPreferenceModel:
         y = np.r_[np.ones(len(prompts)), np.zeros(len(prompts))]
         folds = np.random.default_rng(self.seed).permutation(np.arange(len(prompts)) % 5)  # both orders: one fold
         cv = [(np.where(np.r_[folds, folds] != k)[0], np.where(np.r_[folds, folds] == k)[0]) for k in range(5)]
-        clf = LogisticRegressionCV(Cs=list(self.Cs), cv=cv, fit_intercept=False, max_iter=2000, scoring="accuracy")
+        # scikit-learn >= 1.8 announces new defaults for 1.10 (l1_ratios, simplified fitted attributes): ask for
+        # the new behaviour explicitly where it exists (same fit: pure L2, l1_ratio 0), the legacy one before
+        new_api = "use_legacy_attributes" in inspect.signature(LogisticRegressionCV).parameters
+        kw = dict(l1_ratios=(0.0,), use_legacy_attributes=False) if new_api else {}
+        clf = LogisticRegressionCV(Cs=list(self.Cs), cv=cv, fit_intercept=False, max_iter=2000, scoring="accuracy",
+                                   **kw)
         clf.fit(X, y)
         self.w = clf.coef_.ravel()
-        self.C = float(clf.C_[0])
-        self.cv_accuracy = float(clf.scores_[1.0].mean(axis=0).max())
+        if new_api:  # C_ a float, scores_ (folds, l1_ratios, Cs)
+            self.C = float(clf.C_)
+            self.cv_accuracy = float(np.asarray(clf.scores_).mean(axis=0).max())
+        else:  # C_ (1,), scores_ {class: (folds, Cs)}
+            self.C = float(clf.C_[0])
+            self.cv_accuracy = float(clf.scores_[1.0].mean(axis=0).max())
         return self
 
     def reward(self, prompts, responses) -> np.ndarray:

@@ -40,15 +40,16 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from vrpo_common.fileio import atomic_path, json_default, write_json, write_text
+from vrpo_common.fileio import atomic_path, json_default, write_json
+from vrpo_common.stats import mean_se
 
 __all__ = [
     "LMRegretConfig",
@@ -72,7 +73,6 @@ PI_REF_PRESETS = {
 G_KINDS = ("oracle", "one-type", "noisy", "learned", "self", "constant")
 BASELINES = ("dpo", "cdpo", "rdpo")
 LAMS = ("1", "auto")
-METHOD_LABEL = {"dpo": "DPO", "cdpo": "cDPO", "rdpo": "rDPO", "vrpo": "VRPO (lam=1)", "vrpo-auto": "VRPO (lam=auto)"}
 
 
 def default_data_dir() -> str:
@@ -121,13 +121,13 @@ class LMRegretConfig:
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     # gold
-    features: str = "minilm-static"
+    features: Literal["minilm-static", "minilm"] = "minilm-static"
     length_features: bool = True
     target_sd: float = 3.0
-    weight: str = "constant"
+    weight: Literal["constant", "prompt"] = "constant"
     w_max: float = 0.5
     n_scale_prompts: int = 400
-    one_type_head: str = "harmless"
+    one_type_head: Literal["helpful", "harmless"] = "harmless"
     noisy_sd: float = 1.0
     learned_folds: int = 5
     learned_dim: int = 16
@@ -757,7 +757,7 @@ def evaluate_policy(cfg: LMRegretConfig, policy, pi_ref, tok, gold_k, bank: dict
     length = smp.n_tokens.reshape(J, S)
     summary = {"win_ref": win["mean"], "win_ref_mc_se": win["se"], "kl": kl["mean"], "kl_mc_se": kl["se"],
                "acc": acc["mean"], "acc_mc_se": acc["se"], "acc_bayes": acc["bayes"],
-               "len_tokens": float(length.mean()), "len_tokens_mc_se": float(length.mean(1).std(ddof=1) / math.sqrt(J)),
+               "len_tokens": float(length.mean()), "len_tokens_mc_se": mean_se(length.mean(1))[1],
                "eos_share": float(smp.ended.mean()), "reward_A": float(R[..., 0].mean()),
                "reward_B": float(R[..., 1].mean())}
     arrays = {"R": R, "win_per_prompt": win["per_prompt"], "len": length}
@@ -1151,7 +1151,7 @@ def aggregate(cfg: LMRegretConfig, record: dict) -> dict:
     """
     import pandas as pd
 
-    from sim.runner import write_table
+    from vrpo_common.fileio import write_table
 
     from .evaluate import win_rate
     from .gold import GoldPreference
@@ -1208,10 +1208,10 @@ def aggregate(cfg: LMRegretConfig, record: dict) -> dict:
         # Monte Carlo SE of the seed-averaged win rate vs pi_ref, clustered by evaluation prompt
         per = np.mean([arrays[Task(r0.kappa, r0.n, r0.method, int(sd), None if r0.g == "-" else r0.g,
                                    None if r0.M == 0 else int(r0.M)).id]["win_per_prompt"] for sd in grp.seed], axis=0)
-        s["win_ref_mc_se_of_mean"] = float(per.std(ddof=1) / math.sqrt(len(per)))
+        s["win_ref_mc_se_of_mean"] = mean_se(per)[1]
         if r0.method != "dpo":
             per = np.mean([per_prompt_dpo[(cell, sd)] for sd in grp.seed], axis=0)
-            s["win_dpo_mc_se_of_mean"] = float(per.std(ddof=1) / math.sqrt(len(per)))
+            s["win_dpo_mc_se_of_mean"] = mean_se(per)[1]
             lo, hi = s["win_dpo_lo"], s["win_dpo_hi"]
             s["verdict"] = "helps" if lo > 0.5 else ("hurts" if hi < 0.5 else "no detectable difference")
         cells.append(s)

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ class DemoConfig:
     steps: int = 100
     warmup_steps: int = 10
     shared_prompt: bool = True
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = 50
     # evaluation
     probe_batch_size: int = 16
@@ -163,7 +164,8 @@ def run(cfg: DemoConfig) -> dict:
     from .aux_responses import SamplingConfig, aux_responses, sample_responses
     from .data import load_hh
     from .judge import LinearPreferenceModel, MiniLMFeatures, TfidfFeatures
-    from .policy_eval import gradient_variance_probe, implicit_reward_accuracy, win_rate
+    from .evaluate import gradient_variance_probe, implicit_reward_accuracy
+    from .evaluate import judge_win_rate as win_rate
     from .tiny_lm import encode_pair_texts, sft, tiny_gpt2, train_bpe_tokenizer
 
     t0, c0 = time.time(), time.process_time()

@@ -1,7 +1,7 @@
 """DPO/VRPO on a causal LM: padded batches, sequence log-probs, margins, the loss, online ``lam``.
 
 :func:`vrpo_loss` hands the DPO margins ``delta = beta * (log pi/pi_ref (y1) - log pi/pi_ref (y2))``
-to :func:`vrpo.loss.vr_objective` (METHOD.md s2, "One-stage"; logistic ``l``, soft label ``q``):
+to :func:`vrpo.loss.vr_objective` (docs/method.md s2, "One stage"; logistic ``l``, soft label ``q``):
 ``L = mean_i[l(delta_i, q) - lam l(delta_i, g_i)] + lam mean_{i,m} l(delta_im, g_im)``.
 
 Kept here because TRL 1.16 has no equivalent: the shared-prompt forward, which encodes each

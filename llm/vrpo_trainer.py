@@ -18,7 +18,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class VRPOConfig(DPOConfig):
     lam: float | str | None = field(default=1.0, metadata={"help": "0 = DPO, 1 = the paper's VRPO, float >= 0, or "
                              "'auto' (power-tuned online, clipped to [0, 1], logged)"})
     lam_auto_decay: float = field(default=0.99, metadata={"help": "per-step decay of the 'auto' moments (1: sums)"})
-    g_source: str = field(default="columns", metadata={"help": "columns (g, g_aux) | model (the trainer's g_model("
+    g_source: Literal["columns", "model", "self", "constant"] = field(default="columns", metadata={"help": "columns (g, g_aux) | model (the trainer's g_model("
                           "prompts, a, b) -> P(a > b)) | self (frozen policy, g = sigma(margin)) | constant (1/2)"})
     self_g_refresh: int = field(default=20, metadata={"help": "steps between refreshes of the frozen g model"})
     shared_prompt: bool = field(default=True, metadata={"help": "encode each prompt once for all its responses"})

@@ -22,21 +22,22 @@ AUX_PROMPTS = ("same", "fresh")
 class PairData:
     """Pairs of one or many replications (leading axes ``...``).
 
-    ``x (..., n, dx)``, ``phi1, phi2 (..., n, d)``, ``p, Z (..., n)``; extra pairs
-    ``x_aux (..., A, dx)``, ``phi1_aux, phi2_aux (..., A, d)``, ``p_aux (..., A)``
+    ``x (..., n, dx)``, ``phi1, phi2 (..., n, d)``, ``p_star, Z (..., n)``; extra pairs
+    ``x_aux (..., A, dx)``, ``phi1_aux, phi2_aux (..., A, d)``, ``p_star_aux (..., A)``
     where ``A = (n, M)`` (same prompts) or ``(N,)`` (fresh prompts).
-    ``p`` is the true ``p*``, available to the oracle auxiliary model only.
+    ``p_star`` is the true ``p*(x, y1, y2)``; only an auxiliary model that simulates an
+    annotator of known quality (``oracle``, ``noisy``) may read it.
     """
 
     x: np.ndarray
     phi1: np.ndarray
     phi2: np.ndarray
-    p: np.ndarray
+    p_star: np.ndarray
     Z: np.ndarray
     x_aux: np.ndarray
     phi1_aux: np.ndarray
     phi2_aux: np.ndarray
-    p_aux: np.ndarray
+    p_star_aux: np.ndarray
     aux_prompts: str
 
     @property
@@ -85,5 +86,5 @@ def sample_pairs(
         phi1a, phi2a = actx.phi[arows, aarms[:, 0]], actx.phi[arows, aarms[:, 1]]  # (N, d)
         xa = actx.x
     pa = scenario.p_star(xa, phi1a, phi2a)
-    return PairData(x=ctx.x, phi1=phi1, phi2=phi2, p=p, Z=Z, x_aux=np.ascontiguousarray(xa), phi1_aux=phi1a,
-                    phi2_aux=phi2a, p_aux=pa, aux_prompts=aux_prompts)
+    return PairData(x=ctx.x, phi1=phi1, phi2=phi2, p_star=p, Z=Z, x_aux=np.ascontiguousarray(xa), phi1_aux=phi1a,
+                    phi2_aux=phi2a, p_star_aux=pa, aux_prompts=aux_prompts)

@@ -1,4 +1,4 @@
-"""KL-regularised policies over a finite arm set, regret and win rate (METHOD.md s2, s4).
+"""KL-regularised policies over a finite arm set, regret and win rate (docs/method.md s2, s4).
 
 ``pi(a|x) propto pi_ref(a|x) exp(r(x, a) / beta)`` is computed exactly over the
 ``K`` arms of each context. For any reward ``r``, the KL-regularised value

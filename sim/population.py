@@ -1,7 +1,7 @@
 """Population quantities of a scenario: ``theta*`` and a fixed evaluation set.
 
 ``theta*`` minimises ``E[l(delta_theta, p*)]`` (the KL projection of ``p*`` on
-the BT family, METHOD.md s2). Over the arms the expectation is an exact sum
+the BT family, docs/method.md s2). Over the arms the expectation is an exact sum
 (all ``K^2`` ordered pairs weighted by ``pi_ref(a|x) pi_ref(b|x)``); over
 contexts it is a sample of ``n_ctx`` contexts, whose error is reported as the
 standard error ``theta_star_se`` (sandwich, contexts as clusters).
@@ -17,6 +17,7 @@ import vrpo
 from vrpo.variance import pair_hessian, pair_score, wcov
 
 from .bandit import Bandit, Contexts
+from .data import PairData
 from .policy import log_policy, log_policy_linear
 from .scenarios import Scenario
 
@@ -35,6 +36,18 @@ def all_pairs(scenario: Scenario, ctx: Contexts):
     W = pi[:, :, None] * pi[:, None, :]
     X = phi1 - phi2
     return X, P, W, scenario.label_var(x, phi1, phi2, P)
+
+
+def all_pairs_data(ctx: Contexts, P) -> PairData:
+    """All ``K^2`` ordered arm pairs of every context as a one-replication :class:`PairData`
+    (``p*`` = ``P (C, K, K)``, labels ``Z = p*``, each pair its own extra pair)."""
+    C, K, d = ctx.phi.shape
+    phi1 = np.broadcast_to(ctx.phi[:, :, None, :], (C, K, K, d)).reshape(1, C * K * K, d)
+    phi2 = np.broadcast_to(ctx.phi[:, None, :, :], (C, K, K, d)).reshape(1, C * K * K, d)
+    x = np.broadcast_to(ctx.x[:, None, None, :], (C, K, K, ctx.x.shape[-1])).reshape(1, C * K * K, -1)
+    p = P.reshape(1, C * K * K)
+    return PairData(x=x, phi1=phi1, phi2=phi2, p_star=p, Z=p.copy(), x_aux=x[:, :, None, :], phi1_aux=phi1[:, :, None, :],
+                    phi2_aux=phi2[:, :, None, :], p_star_aux=p[:, :, None], aux_prompts="same")
 
 
 @dataclass

@@ -47,7 +47,7 @@ from .aux_models import make_aux
 from .bandit import Bandit
 from .config import ExperimentConfig, parse_method
 from .data import PairData, sample_pairs
-from vrpo_common.fileio import atomic_path, json_default
+from vrpo_common.fileio import read_results, write_table  # re-exported: the runner's result files
 from .policy import LinearPolicies
 from .population import Population, make_population
 from .registry import AUX_MODELS, SCENARIOS
@@ -154,7 +154,7 @@ def _watch_parent(parent_pid: int | None) -> None:
 
 
 def _metrics(res: vrpo.FitResult, pop: Population, mle_opponent, alpha, beta) -> dict:
-    """Per-replication metrics of METHOD.md s4 for a batch of fits (``mle_opponent``: the
+    """Per-replication metrics of docs/method.md s4 for a batch of fits (``mle_opponent``: the
     same replications' MLE policies as win-rate opponents, :meth:`LinearPolicies.opponent`)."""
     th = res.theta  # (R, d)
     ts = pop.theta_star
@@ -226,48 +226,6 @@ def run_cell_chunk(cfg: ExperimentConfig, task: _Task, pop: Population) -> pd.Da
 # --------------------------------------------------------------------------- I/O
 
 
-def write_table(df: pd.DataFrame, path, meta: dict) -> None:
-    """Atomically write ``df`` with ``meta`` embedded (parquet metadata or CSV ``#`` header)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        blob = json.dumps(meta, sort_keys=True, default=json_default)
-        if path.suffix == ".csv":
-            with open(tmp, "w") as f:
-                for line in blob.splitlines() or [blob]:
-                    f.write(f"# vrpo_config: {line}\n")
-                df.to_csv(f, index=False)
-        elif path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            md = dict(table.schema.metadata or {})
-            md[b"vrpo_config"] = blob.encode()
-            pq.write_table(table.replace_schema_metadata(md), tmp)
-        else:
-            raise ValueError(f"results file must end in .parquet or .csv, got {path}")
-
-
-
-def read_results(path) -> tuple[pd.DataFrame, dict]:
-    """Read a results table and its embedded metadata (``{"config": ..., ...}``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"results file not found: {path}")
-    if path.suffix == ".csv":
-        lines = []
-        with open(path) as f:
-            for line in f:
-                if not line.startswith("# vrpo_config: "):
-                    break
-                lines.append(line[len("# vrpo_config: "):].rstrip("\n"))
-        meta = json.loads("\n".join(lines)) if lines else {}
-        return pd.read_csv(path, comment=None, skiprows=len(lines)), meta
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(b"vrpo_config")
-    return table.to_pandas(), (json.loads(raw) if raw else {})
 
 
 # --------------------------------------------------------------------------- driver

@@ -1,4 +1,4 @@
-"""The misspecification zoo (METHOD.md section 5).
+"""The misspecification zoo (docs/method.md section 5).
 
 Every scenario maps a pair ``(x, y1, y2)`` (through ``x (..., dx)`` and the arm
 features ``phi1, phi2 (..., d)``, broadcasting) to ``p*(x, y1, y2) = P(y1
@@ -17,8 +17,9 @@ Add one by subclassing :class:`Scenario` and registering it::
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit as sigmoid
 from scipy.stats import cauchy, norm
+
+from vrpo.loss import sigmoid  # the one sigmoid (re-exported for scenario plugins)
 
 from .bandit import Bandit
 from .registry import SCENARIOS, register_scenario
@@ -164,7 +165,7 @@ class _ContextMixture(Scenario):
     ``m = (s - p*) X`` has a large *between-prompt* part ``Var_x E[m | x]`` besides the
     within-prompt part: the family that separates shared from fresh extra prompts, a
     clustered from an unclustered sandwich and the clustered from the naive PPI++ ``lam``
-    (METHOD.md s3). ``kappa = 0`` is BT; ``p*(a, b) = 1 - p*(b, a)``.
+    (docs/method.md s3). ``kappa = 0`` is BT; ``p*(a, b) = 1 - p*(b, a)``.
     """
 
     default_kappa = 1.0

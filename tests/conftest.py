@@ -62,3 +62,15 @@ def embedding_cache(tmp_path_factory) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return tmp_path_factory.mktemp("embeddings")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread for a module's tiny models (fastest, and much faster on a loaded
+    machine); the previous count is restored after the module. Use with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-from llm.gold import GoldPreference, TextFeatures, fit_ridge_bt, p_star, pstar_summary, sample_labels
+from llm.gold import GoldPreference, TextFeatures, fit_ridge_bt, pstar_summary, sample_labels
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 D = 6

@@ -21,6 +21,7 @@ from llm.hh_reward import (
     smoke_config,
 )
 from vrpo import fit_bt
+from vrpo.crossfit import fold_of
 from vrpo_common.stats import paired_ratio
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -106,11 +107,12 @@ def test_learned_g_is_antisymmetric_and_batched():
 def test_learned_g_is_cross_fitted():
     F, Z, Fa = _synthetic_g_inputs(R=1, n=50)
     g, _ = learned_g(F, Z, Fa, 5, 1e-3)
+    f0 = fold_of(50, 5) == 0  # fold 0 (10 pairs)
     Z2 = Z.copy()
-    Z2[0, :10] = 1 - Z2[0, :10]  # flip the labels of fold 0 only
+    Z2[0, f0] = 1 - Z2[0, f0]  # flip the labels of fold 0 only
     g2, _ = learned_g(F, Z2, Fa, 5, 1e-3)
-    np.testing.assert_array_equal(g2[0, :10], g[0, :10])  # fold 0's predictions never saw its labels
-    assert np.max(np.abs(g2[0, 10:] - g[0, 10:])) > 1e-3  # the other folds' models did
+    np.testing.assert_array_equal(g2[0, f0], g[0, f0])  # fold 0's predictions never saw its labels
+    assert np.max(np.abs(g2[0, ~f0] - g[0, ~f0])) > 1e-3  # the other folds' models did
 
 
 def test_paired_ratio_standard_error_matches_simulation():
@@ -138,6 +140,7 @@ def test_bias_z_flags_an_off_centre_estimator():
 # --------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow  # ~85 s on an idle core
 def test_vr_and_mle_estimate_the_same_target(emb_cache):
     """Seeded: on 200 labelled pairs with 200 fresh-prompt extra pairs (GPT-3.5 label only),
     theta_VR - theta_MLE is within its standard error (Wald chi-square at the 0.1% level)."""
@@ -188,7 +191,7 @@ def test_smoke_run_writes_results_figure_and_fragment(tmp_path, emb_cache):
     assert np.all(mle["var_ratio"] == 1.0) and np.all(mle["lam_mean"] == 0.0)
     vr = rows[rows["method"] == "vr"]
     assert np.all(vr["lam_mean"] == 1.0)
-    auto = rows[rows["method"] == "auto"]
+    auto = rows[rows["method"] == "vr-auto"]
     assert np.all((auto["lam_mean"] >= 0) & (auto["lam_mean"] <= 1))
     # the fragment's agreement table is computed from the whole loaded file
     agree = pd.DataFrame(result["agreement"])
@@ -250,9 +253,19 @@ def test_bias_explanation_follows_the_numbers():
                                   sd_norm=0.4, reps_used=400, nonconverged=0, bias_norm=bb))
         return {"config": {"n_aux": 2000, "reps": 200, "bias_reps": 400}, "cells": [{"bias_study": study}]}
 
-    df = pd.DataFrame([dict(cell="c", g="llm", method="vr", n=n, var_ratio=2.5, diverged=0, selection_z=np.nan,
+    df = pd.DataFrame([dict(cell="c", g="llm", method="vr", n=n, var_ratio=2.5, nonconverged=0, selection_z=np.nan,
                             bias_vec=[0.04, 0.0], bias_se_vec=[1e-3, 1e-3]) for n in (200, 400)])
     down = " ".join(_bias_explanation(result(0.5), df))
     up = " ".join(_bias_explanation(result(1.2), df))
     assert "cuts it by 50%" in down and "does not reduce it (+20%)" in up
     assert "0.0225 at N = 32000" in down and "0.0540 at N = 32000" in up
+
+
+def test_fragment_summary_has_the_keys_the_report_reads():
+    """analysis.report reads llm_vr_ratio_median and llm_auto_ratio_median from the fragment's summary."""
+    from llm.hh_reward_report import _summary
+
+    df = pd.DataFrame([dict(g="llm", method="vr", var_ratio=2.0), dict(g="llm", method="vr", var_ratio=3.0),
+                       dict(g="llm", method="vr-auto", var_ratio=0.9), dict(g="learned", method="vr-auto", var_ratio=5.0)])
+    out = _summary({"cells": []}, df)
+    assert out["llm_vr_ratio_median"] == 2.5 and out["llm_auto_ratio_median"] == 0.9

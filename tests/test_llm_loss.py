@@ -120,7 +120,7 @@ def test_vrpo_loss_matches_formula_with_M_extra_pairs():
     by_formula = logistic_loss(d[:, 0], q).mean() - lam * logistic_loss(d[:, 0], g).mean() \
         + lam * (logistic_loss(d[:, 1], g_aux[:, 0]) + logistic_loss(d[:, 2], g_aux[:, 1])).mean() / 2
     torch.testing.assert_close(vrpo_loss(d, q, lam, g, g_aux), by_formula)
-    # METHOD.md s2: l(delta, Z) - l(delta, g) = -(Z - g) delta (here Z = 1)
+    # docs/method.md s2: l(delta, Z) - l(delta, g) = -(Z - g) delta (here Z = 1)
     torch.testing.assert_close(logistic_loss(d[:, 0], 1.0) - logistic_loss(d[:, 0], g), -(1 - g) * d[:, 0],
                                atol=1e-6, rtol=0)
 

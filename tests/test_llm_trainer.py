@@ -19,12 +19,7 @@ from llm.vrpo_trainer import VRPOConfig, VRPOTrainer  # noqa: E402
 N = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

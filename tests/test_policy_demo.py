@@ -15,17 +15,11 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH = DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def test_win_rate_and_mean_ci_numbers():
-    from llm.policy_eval import win_rate
+    from llm.evaluate import judge_win_rate as win_rate
     from vrpo_common.stats import mean_ci
 
     r_a = np.array([[1.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
@@ -43,7 +37,7 @@ def test_gradient_variance_probe_matches_direct_computation(tmp_path):
     """The pair estimator ||G1 - G2||^2 / 2 recomputed by hand on the same minibatches."""
     pytest.importorskip("trl")
     from llm.tiny_lm import word_tokenizer
-    from llm.policy_eval import gradient_variance_probe
+    from llm.evaluate import gradient_variance_probe
     from llm.tiny_lm import tiny_gpt2
     from llm.vrpo_loss import pair_margins, sequence_logps, vrpo_loss
     from llm.vrpo_trainer import VRPOConfig, VRPOTrainer
@@ -101,6 +95,7 @@ def test_demo_config_validation():
         DemoConfig(n_gen_prompts=400, n_eval=300)
 
 
+@pytest.mark.slow  # ~85 s on an idle core
 @pytest.mark.skipif(not HH.exists(), reason=f"HH data not found at {HH} (shared data beside the repository)")
 def test_policy_demo_smoke_end_to_end(tmp_path):
     """The whole pipeline at toy size: results with the resolved config, figure and fragment, caches reused."""

@@ -21,6 +21,19 @@ def _cfg(tmp_path, **kw):
     return ExperimentConfig(**base)
 
 
+def _count_chunks(monkeypatch) -> list:
+    """Record ``(scenario, n)`` of every chunk the runner computes (the list fills as it runs)."""
+    calls = []
+    orig = runner.run_cell_chunk
+
+    def counting(cfg_, task, pop):
+        calls.append((task.scenario, task.n))
+        return orig(cfg_, task, pop)
+
+    monkeypatch.setattr(runner, "run_cell_chunk", counting)
+    return calls
+
+
 # ----------------------------------------------------------------- seeded statistical checks
 
 
@@ -97,14 +110,7 @@ def test_dask_backend_gives_the_same_table(tmp_path):
 def test_resume_recomputes_only_missing_cells(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     full = run_experiment(cfg)
-    calls = []
-    orig = runner.run_cell_chunk
-
-    def counting(cfg_, task, pop):
-        calls.append((task.scenario, task.n))
-        return orig(cfg_, task, pop)
-
-    monkeypatch.setattr(runner, "run_cell_chunk", counting)
+    calls = _count_chunks(monkeypatch)
     again = run_experiment(cfg)  # everything cached
     assert calls == []
     pd.testing.assert_frame_equal(full, again)
@@ -241,14 +247,7 @@ class Edited(Scenario):
 
 
 def _counting(monkeypatch):
-    calls = []
-    orig = runner.run_cell_chunk
-
-    def counting(cfg_, task, pop):
-        calls.append((task.scenario, task.n))
-        return orig(cfg_, task, pop)
-
-    monkeypatch.setattr(runner, "run_cell_chunk", counting)
+    calls = _count_chunks(monkeypatch)
     return calls
 
 

@@ -91,7 +91,7 @@ def test_prompt_type_family_weights_and_types():
 
 
 def test_prompt_type_has_a_large_between_prompt_residual():
-    """The family exists to make Var_x E[m|x] large (METHOD.md s3): its share of Var(m) is far
+    """The family exists to make Var_x E[m|x] large (docs/method.md s3): its share of Var(m) is far
     above that of the plain two-type mixture (exact sums over arms, 400 contexts)."""
     from analysis.theory import population_theory
 
@@ -130,7 +130,7 @@ def test_custom_scenario_registration_and_use():
     sc = make_scenario(f"{name}:0.5", BANDIT)
     assert sc.name == name and sc.kappa == 0.5
     data = sample_pairs(np.random.default_rng(0), BANDIT, sc, 50, 2)
-    np.testing.assert_allclose(data.p, expit(np.tanh(data.X @ BANDIT.theta_0) * 4.5))
+    np.testing.assert_allclose(data.p_star, expit(np.tanh(data.X @ BANDIT.theta_0) * 4.5))
     with pytest.raises(ValueError, match="already registered"):
         register_scenario(name)(Scenario)
 
@@ -152,7 +152,7 @@ def test_aux_models_shapes_and_ranges(spec, aux_prompts):
     sc, data = _batch(aux_prompts=aux_prompts)
     rngs = [np.random.default_rng(10 + r) for r in range(3)]
     g, ga = make_aux(spec, sc)(data, rngs)
-    assert g.shape == data.Z.shape and ga.shape == data.p_aux.shape
+    assert g.shape == data.Z.shape and ga.shape == data.p_star_aux.shape
     assert np.all((g >= 0) & (g <= 1)) and np.all((ga >= 0) & (ga <= 1))
 
 
@@ -160,13 +160,13 @@ def test_oracle_noisy_constant_values():
     sc, data = _batch()
     rngs = lambda: [np.random.default_rng(r) for r in range(3)]  # noqa: E731
     g, ga = make_aux("oracle", sc)(data, rngs())
-    np.testing.assert_array_equal(g, data.p)
+    np.testing.assert_array_equal(g, data.p_star)
     g0, _ = make_aux("noisy:0", sc)(data, rngs())
-    np.testing.assert_allclose(g0, np.clip(data.p, 1e-12, 1 - 1e-12), rtol=1e-9)
+    np.testing.assert_allclose(g0, np.clip(data.p_star, 1e-12, 1 - 1e-12), rtol=1e-9)
     g1, _ = make_aux("noisy:1", sc)(data, rngs())
     g1b, _ = make_aux("noisy:1", sc)(data, rngs())
     np.testing.assert_array_equal(g1, g1b)  # reproducible from the replication generators
-    assert np.std(g1 - data.p) > 0.01
+    assert np.std(g1 - data.p_star) > 0.01
     gc, gac = make_aux("constant:0.3", sc)(data, rngs())
     assert np.all(gc == 0.3) and np.all(gac == 0.3)
 

@@ -1,4 +1,4 @@
-"""Population theory (analysis.theory): identities of METHOD.md s3, checked at tight tolerance.
+"""Population theory (analysis.theory): identities of docs/method.md s3, checked at tight tolerance.
 
 The naive references below recompute the moments with explicit loops over contexts,
 independently of analysis.theory's batched code.
@@ -75,7 +75,7 @@ def test_oracle_variance_gap_fresh_prompts():
 
 
 def test_mle_meat_is_label_noise_plus_misspecification():
-    """Sigma_MLE = E[Var(Z|pair) X X^T] + Var(m) (METHOD.md s3), naive loops."""
+    """Sigma_MLE = E[Var(Z|pair) X X^T] + Var(m) (docs/method.md s3), naive loops."""
     th = population_theory(SPEC, "ties:1.0", "oracle", n_ctx=N_CTX, n_batches=4)
     bandit = Bandit(SPEC)
     scen = make_scenario("ties:1.0", bandit)

@@ -1,6 +1,6 @@
 """vrpo: the method's math, once.
 
-Variance-reduced preference estimation (Ye et al., arXiv 2504.03784; METHOD.md):
+Variance-reduced preference estimation (Ye et al., arXiv 2504.03784; docs/method.md):
 pure functions over arrays, no I/O. ``sim``, ``analysis`` and ``llm`` import it.
 
 - :func:`fit_bt`: batched BT-MLE (``lam=0``), VR (``lam=1``) and power-tuned VR

@@ -1,6 +1,6 @@
 """Batched BT-MLE and variance-reduced (VR / PPI++) estimators: :func:`fit_bt`.
 
-METHOD.md section 2. For the logistic loss ``l(delta, q) = softplus(delta) - q delta``,
+docs/method.md section 2. For the logistic loss ``l(delta, q) = softplus(delta) - q delta``,
 so every objective here is, per replication,
 
     F(theta) = sum_rows [ c_r softplus(x_r . theta) - t_r x_r . theta ] + ridge/2 |theta|^2
@@ -653,7 +653,7 @@ def fit_bt_population(X, q, w=None, *, ridge: float = 0.0, tol: float = 1e-12, m
     ``X (rows, d)``, ``q (rows,)`` probabilities ``p*`` (or labels), ``w (rows,)``
     non-negative weights (default equal; normalised to sum to one); ``theta0 (d,)`` an
     optional starting point (e.g. the fit on a subsample). This defines ``theta*``
-    (METHOD.md s2). Raises ``VRPOInputError`` if no minimiser is certified (``p*``
+    (docs/method.md s2). Raises ``VRPOInputError`` if no minimiser is certified (``p*``
     separable by a BT model, e.g. deterministic preferences).
     """
     X = _as_float("X", X)

@@ -8,7 +8,7 @@ Every function works unchanged on NumPy arrays and on PyTorch tensors (the
 only backend-specific primitive is :func:`log_sigmoid`), so the torch code in
 ``llm`` differentiates exactly the expression that the NumPy code evaluates.
 
-Notation (METHOD.md section 2): ``delta`` is a margin
+Notation (docs/method.md section 2): ``delta`` is a margin
 ``r(x, y1) - r(x, y2)`` (or the DPO implicit-reward margin), ``q`` in [0, 1]
 a soft label (``Z``, a tie ``1/2``, or an auxiliary probability ``g``).
 """
@@ -56,7 +56,7 @@ def sigmoid(x):
 def logistic_loss(delta, q):
     """BT / DPO-sigmoid loss ``l(delta, q) = -q log s(delta) - (1-q) log s(-delta)``.
 
-    Linear in ``q``, so ``E_{Z~Bern(g)} l(delta, Z) = l(delta, g)`` (METHOD.md s2).
+    Linear in ``q``, so ``E_{Z~Bern(g)} l(delta, Z) = l(delta, g)`` (docs/method.md s2).
     ``q = 1`` gives the DPO sigmoid loss ``-log sigma(delta)``.
     Shapes broadcast; returns the elementwise loss.
     """
@@ -107,7 +107,7 @@ def _mean(x):
 
 
 def vr_objective(delta, Z, g=None, delta_aux=None, g_aux=None, lam=1.0, kind: str = "logistic"):
-    """The variance-reduced objective ``L_VR`` of METHOD.md section 2 (one replication).
+    """The variance-reduced objective ``L_VR`` of docs/method.md section 2 (one replication).
 
     ``L_VR = mean_i[ l(delta_i, Z_i) - lam l(delta_i, g_i) ] + lam mean_j l(delta_aux_j, g_aux_j)``
 

@@ -1,6 +1,6 @@
 """Per-pair scores, Hessians and the sandwich covariance as a quadratic in ``lam``.
 
-METHOD.md section 3. For the logistic loss the per-pair score (gradient of
+docs/method.md section 3. For the logistic loss the per-pair score (gradient of
 ``l(delta, q)`` in ``theta``) is ``(sigma(delta) - q) X`` and the per-pair
 Hessian ``sigma(delta)(1 - sigma(delta)) X X^T``, whatever ``q`` is.
 

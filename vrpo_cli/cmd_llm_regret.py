@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "llm-regret",
         help="gold win rates of DPO, cDPO, rDPO and VRPO on a small LM under a known, BT-misspecified gold "
-             "preference (issue 12)",
+             "preference",
         description="Fits a gold preference over text (helpful and harmless heads on the GPT-3.5-relabeled HH "
         "pairs, mixed per prompt with strength kappa), trains pi_ref, samples pairs from it, labels them with "
         "Z ~ Bernoulli(p*), trains every method with VRPOTrainer over seeds and n, and evaluates gold win rates, "

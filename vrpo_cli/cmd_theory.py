@@ -58,7 +58,7 @@ def _theory(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("theory", help="asymptotic theory (tr V, regret constant, optimal lam) vs simulation",
-                       description="Computes the population theory of METHOD.md s3 for every scenario x g of the "
+                       description="Computes the population theory of docs/method.md s3 for every scenario x g of the "
                        "sweep and, unless --no-sim, runs (or reads) the sweep and writes the theory-vs-simulation "
                        "table (n tr Cov vs tr V, n E[regret] vs tr(GV)/(2 beta), VR/MLE ratios, coverage, 3-SE flags).")
     add_config_arguments(p)

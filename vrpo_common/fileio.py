@@ -8,8 +8,9 @@ the target, with the mode a plain ``open(path, "w")`` would give::
 
 Readers never see a partial target: an exception inside the block (including
 ``KeyboardInterrupt``) removes the temporary file and leaves the target as it was.
-:func:`write_text`, :func:`write_json`, :func:`save_figure` and :func:`torch_save`
-are the usual writes on top of it.
+:func:`write_text`, :func:`write_json`, :func:`save_figure`, :func:`torch_save` and
+:func:`write_table` (a pandas table with its configuration embedded; read back by
+:func:`read_results`) are the usual writes on top of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "umask_mode", "write_text", "write_json", "json_default", "save_figure", "torch_save"]
+__all__ = ["atomic_path", "umask_mode", "write_text", "write_json", "json_default", "save_figure", "torch_save",
+           "write_table", "read_results"]
 
 
 def umask_mode() -> int:
@@ -104,3 +106,52 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- tables with their configuration
+
+
+def write_table(df, path, meta: dict) -> None:
+    """Atomically write ``df`` with ``meta`` embedded (parquet metadata or CSV ``#`` header)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        blob = json.dumps(meta, sort_keys=True, default=json_default)
+        if path.suffix == ".csv":
+            with open(tmp, "w") as f:
+                for line in blob.splitlines() or [blob]:
+                    f.write(f"# vrpo_config: {line}\n")
+                df.to_csv(f, index=False)
+        elif path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            md = dict(table.schema.metadata or {})
+            md[b"vrpo_config"] = blob.encode()
+            pq.write_table(table.replace_schema_metadata(md), tmp)
+        else:
+            raise ValueError(f"results file must end in .parquet or .csv, got {path}")
+
+
+
+def read_results(path) -> tuple:
+    """Read a results table and its embedded metadata (``{"config": ..., ...}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"results file not found: {path}")
+    if path.suffix == ".csv":
+        lines = []
+        with open(path) as f:
+            for line in f:
+                if not line.startswith("# vrpo_config: "):
+                    break
+                lines.append(line[len("# vrpo_config: "):].rstrip("\n"))
+        meta = json.loads("\n".join(lines)) if lines else {}
+        import pandas as pd
+
+        return pd.read_csv(path, comment=None, skiprows=len(lines)), meta
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(b"vrpo_config")
+    return table.to_pandas(), (json.loads(raw) if raw else {})
