@@ -17,6 +17,7 @@ from pathlib import Path
 
 EXIT_USER = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 # the project's typed user errors, by qualified name (checked without importing their modules)
 TYPED_USER_ERRORS = ("vrpo_cli.errors.UserError", "vrpo.fit.VRPOInputError", "llm.data.DataFormatError")
@@ -132,4 +133,5 @@ def check_writable(path, what: str = "output") -> None:
         with tempfile.TemporaryFile(dir=anc):
             pass
     except OSError as e:
-        raise UserError(f"{what} {str(p)!r} is not writable ({anc}: {e.strerror or e})") from e
+        raise UserError(f"{what} {str(p)!r} is not writable: cannot create a file in {str(anc)!r} "
+                        f"({e.strerror or e})") from e

@@ -21,7 +21,7 @@ import sys
 
 import vrpo_cli
 
-from .errors import EXIT_INTERRUPTED, EXIT_USER, UserError, user_message
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USER, UserError, user_message
 
 DESCRIPTION = ("Robust RLHF under preference-model misspecification: variance-reduced BT/DPO estimators, "
                "simulations, theory checks, HH data and LLM fine-tuning. `vrpo COMMAND --help` lists a "
@@ -69,6 +69,12 @@ def main(argv=None) -> int:
             parser.print_help()
             return 0
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, like other Unix tools
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- Python flushes stdout at exit
+        except OSError:
+            pass
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"\nvrpo {command or ''}: interrupted; resume with the same command".replace("  ", " "),
               file=sys.stderr, flush=True)
