@@ -138,7 +138,7 @@ def preflight(cfg) -> None:
                 make_aux(g, sc)
             except (ValueError, TypeError, KeyError) as e:
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-                raise UserError(f"auxiliary model {g!r}: {msg}" if g not in str(msg) else str(msg)) from e
+                raise UserError(str(msg) if "auxiliary model" in str(msg) else f"auxiliary model {g!r}: {msg}") from e
 
 
 def config_from_args(args):
