@@ -76,6 +76,10 @@ def test_explicit_output_of_another_config_is_refused_unless_force(tmp_path, mon
     (tmp_path / "mine.csv").write_text("a,b\n1,2\n")
     assert main(["run", *TINY, "--output", str(tmp_path / "mine.csv")]) == 2
     assert "is not a results file of this suite" in capsys.readouterr().err and calls == []
+    # theory --no-sim neither reads nor writes the sweep's output: no guard
+    assert main(["theory", *TINY, "--no-sim", "--output", str(tmp_path / "mine.csv"), "--n-ctx", "500",
+                 "--n-batches", "2"]) == 0
+    assert (tmp_path / "mine.csv").read_text() == "a,b\n1,2\n" and calls == []
     assert main(["run", *TINY, "--seed", "1", "--output", str(out), "--force"]) == 0
     from sim.runner import read_results
 

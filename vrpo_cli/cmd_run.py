@@ -141,9 +141,10 @@ def preflight(cfg) -> None:
                 raise UserError(str(msg) if "auxiliary model" in str(msg) else f"auxiliary model {g!r}: {msg}") from e
 
 
-def config_from_args(args):
+def config_from_args(args, *, guard: bool = True):
     """The validated sweep config; output derived from the config unless given; output checked
-    (suffix, writable, not another configuration's results unless ``--force``) before any work."""
+    (suffix, writable, not another configuration's results unless ``--force``; ``guard=False``:
+    the sweep's output is not written) before any work."""
     from sim.runner import check_output
 
     import_plugins(getattr(args, "plugins", None))
@@ -160,7 +161,7 @@ def config_from_args(args):
         raise UserError(str(e)) from e
     check_writable(cfg.output)
     out = Path(cfg.output)
-    if explicit and out.exists() and not getattr(args, "force", False) and not same_config(out, cfg):
+    if guard and explicit and out.exists() and not getattr(args, "force", False) and not same_config(out, cfg):
         why = ("holds the results of a different configuration" if stored_identity(out) is not None
                else "exists and is not a results file of this suite")
         raise UserError(f"{out} {why}; choose another --output, omit --output (a name derived from the config), "

@@ -35,7 +35,7 @@ def _theory(args) -> int:
     from analysis.theory import theory_cached
     from sim.runner import write_table
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, guard=not args.no_sim)  # --no-sim neither reads nor writes the sweep
     out = Path(cfg.output)
     cache = Path(args.theory_cache) if args.theory_cache else out.with_name(out.stem + ".theory")
     check_writable(cache, "theory cache")
