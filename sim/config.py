@@ -142,6 +142,9 @@ class ExperimentConfig:
             raise ValueError("VR methods need at least one auxiliary model in g")
         if not self.n or any(n < 2 for n in self.n):
             raise ValueError(f"n must be a non-empty list of integers >= 2, got {self.n}")
+        if min(self.n) < self.d:
+            raise ValueError(f"n must be >= d = {self.d} (fewer labelled pairs than parameters cannot identify "
+                             f"theta), got n = {min(self.n)}")
         if len(set(self.n)) != len(self.n) or len(set(self.scenarios)) != len(self.scenarios):
             raise ValueError("n and scenarios must not contain duplicates")
         if self.M < 1:
@@ -156,8 +159,10 @@ class ExperimentConfig:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.n_pop < 100 or self.n_eval < 10:
             raise ValueError("n_pop must be >= 100 and n_eval >= 10")
-        if self.chunk_size < 1 or self.n_jobs == 0:
-            raise ValueError("chunk_size must be >= 1 and n_jobs != 0")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.n_jobs == 0:
+            raise ValueError("n_jobs must be >= 1, or negative for all cores but |n_jobs| - 1 (joblib), got 0")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if Path(self.output).suffix not in (".parquet", ".csv"):

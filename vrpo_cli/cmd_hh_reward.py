@@ -1,96 +1,109 @@
-"""``vrpo hh-reward``: the variance-reduced BT reward model on real HH-RLHF labels (llm.hh_reward)."""
+"""``vrpo hh-reward``: the variance-reduced BT reward model on real HH-RLHF labels (llm.hh_reward).
+
+Exploratory by default: results, figure and report fragment under ``--out-dir``
+(``results/hh_reward/``); ``--publish`` writes the figure and fragment into
+``paper_figures/`` instead (tracked in git).
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import sys
+from pathlib import Path
+
+from .configargs import ConfigFlags
+from .errors import UserError, check_writable
+
+HELP = "VR reward model on HH-RLHF human labels with a GPT-3.5 annotator as g (real data)"
+PUBLISH_DIR = "paper_figures"
+
+HELPS = {
+    "data_dir": "directory holding relabeled-hh-rlhf/",
+    "objectives": "GPT-3.5 objectives: helpful, harmless",
+    "subsets": "HH subsets: helpful, harmless",
+    "ns": "labelled sizes, increasing",
+    "reps": "random subsamples per n (>= 20)",
+    "n_aux": "auxiliary pairs per subsample",
+    "heldout_frac": "fraction of each cell held out for accuracy",
+    "d": "principal directions of the margin features",
+    "aux_models": "auxiliary models g: llm (GPT-3.5 label), learned, constant",
+    "k_folds": "cross-fitting folds of the learned g",
+    "learned_ridge": "ridge penalty of the learned g",
+    "max_pairs": "use only the first N pairs of each cell (smoke runs)",
+    "bias_n": "labelled size of the finite-sample bias study",
+    "bias_N": "auxiliary sizes of the bias study",
+    "bias_reps": "replications of the bias study",
+    "seed": "master seed",
+    "on_error": "malformed data lines: raise or skip (skips are summarised on the console)",
+    "cache_dir": "embedding cache directory",
+    "out_dir": "results directory (results.json; also the figure and fragment unless --publish)",
+    "fig_dir": "figure / fragment directory",
+}
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+def flags() -> ConfigFlags:
+    return ConfigFlags("llm.hh_reward:HHRewardConfig", helps=HELPS,
+                       default_text={"data_dir": "../shared/data beside the repository",
+                                     "cache_dir": ".cache/embeddings", "fig_dir": "--out-dir; with --publish "
+                                     + PUBLISH_DIR})
 
 
-def _strs(s: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in s.split(",") if x.strip())
+def fig_dir(args, out_dir: str, given: str | None) -> str:
+    if args.publish:
+        if given and given.rstrip("/") != PUBLISH_DIR:
+            raise UserError(f"--publish writes {PUBLISH_DIR}/; drop --fig-dir {given} or --publish")
+        return PUBLISH_DIR
+    return given or out_dir
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "hh-reward",
-        help="VR reward model on HH-RLHF human labels with a GPT-3.5 annotator as g (real data)",
+        "hh-reward", help=HELP,
         description="Labelled subsets of HH-RLHF relabeled pairs, GPT-3.5 / learned / constant g, MLE vs VR vs "
-        "VR-auto; writes results/hh_reward/, paper_figures/hh_reward_*.png and paper_figures/sections/hh_reward.md.",
-    )
-    p.add_argument("--data-dir", help="directory holding relabeled-hh-rlhf/ (default: ../shared/data beside the repo)")
-    p.add_argument("--config", help="JSON (or YAML) file of HHRewardConfig fields; flags override it")
-    p.add_argument("--ns", type=_ints, help="labelled sizes, e.g. 100,200,400,800,1600")
-    p.add_argument("--reps", type=int, help="random subsamples per n (default 200)")
-    p.add_argument("--n-aux", type=int, help="auxiliary pairs per subsample (default 2000)")
-    p.add_argument("--d", type=int, help="principal directions of the margin features (default 16)")
-    p.add_argument("--objectives", type=_strs, help="GPT-3.5 objectives: helpful,harmless")
-    p.add_argument("--subsets", type=_strs, help="HH subsets: helpful,harmless")
-    p.add_argument("--aux-models", type=_strs, help="llm,learned,constant")
-    p.add_argument("--max-pairs", type=int, help="use only the first N pairs of each cell (smoke runs)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--on-error", choices=["raise", "skip"], help="malformed data lines: raise or skip (default skip)")
-    p.add_argument("--cache-dir", help="embedding cache directory (default .cache/embeddings)")
-    p.add_argument("--out-dir", help="results directory (default results/hh_reward)")
-    p.add_argument("--fig-dir", help="figure / fragment directory (default paper_figures)")
-    p.add_argument("--smoke", action="store_true", help="the seconds-long smoke configuration")
-    p.add_argument("--no-progress", action="store_true")
+        "VR-auto; writes results/hh_reward/ (results.json, hh_reward_*.png, sections/hh_reward.md); --publish "
+        f"writes the figure and fragment into {PUBLISH_DIR}/ instead. List flags take spaces or commas.")
+    p.add_argument("--smoke", action="store_true", help="the seconds-long smoke configuration (other defaults)")
+    p.add_argument("--publish", action="store_true",
+                   help=f"write the figure and report fragment into {PUBLISH_DIR}/ (tracked in git)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
-                   help="only redraw the figure and fragment from a saved results.json (into --fig-dir)")
+                   help="only redraw the figure and fragment from a saved results.json (into --fig-dir: the "
+                   "results.json's directory, or with --publish paper_figures) (default: none)")
+    flags().add_to(p)
     p.set_defaults(func=main)
 
 
-def _load_config_file(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
 def main(args) -> int:
-    from llm.hh_reward import HHRewardConfig, regenerate, run, smoke_config
-
     if args.from_results:
-        out = regenerate(args.from_results, args.fig_dir or "paper_figures")
+        if not Path(args.from_results).is_file():
+            raise UserError(f"results file not found: {args.from_results}")
+        dest = fig_dir(args, str(Path(args.from_results).parent), args.fig_dir)
+        check_writable(dest, "figure directory")
+        from llm.hh_reward import regenerate
+
+        out = regenerate(args.from_results, dest)
         print(f"hh-reward: redrew {', '.join(map(str, out['figures']))} and {out['fragment']}")
         return 0
+    from llm.hh_reward import smoke_config
 
-    fields = _load_config_file(args.config) if args.config else {}
-    flags = dict(data_dir=args.data_dir, ns=args.ns, reps=args.reps, n_aux=args.n_aux, d=args.d,
-                 objectives=args.objectives, subsets=args.subsets, aux_models=args.aux_models,
-                 max_pairs=args.max_pairs, seed=args.seed, on_error=args.on_error, cache_dir=args.cache_dir,
-                 out_dir=args.out_dir, fig_dir=args.fig_dir)
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_progress:
-        fields["progress"] = False
-    try:
-        cfg = smoke_config(**fields) if args.smoke else HHRewardConfig(**fields)
-    except (TypeError, ValueError) as e:
-        print(f"vrpo hh-reward: bad configuration: {e}", file=sys.stderr)
-        return 2
+    f = flags()
+    given_fig = f.given(args).get("fig_dir") or f.from_file(args).get("fig_dir")
+    cfg = f.build(args, factory=smoke_config if args.smoke else None)
+    cfg = dataclasses.replace(cfg, fig_dir=fig_dir(args, cfg.out_dir, given_fig))
     if args.print_config:
         print(json.dumps(cfg.resolved(), indent=1))
         return 0
+    check_writable(cfg.out_dir, "--out-dir")
+    check_writable(cfg.fig_dir, "figure directory")
     from llm.data import print_load_warnings
+    from llm.hh_reward import run
 
-    try:
-        with print_load_warnings("vrpo hh-reward"):  # skipped/repaired data lines, one summary line per file
-            result = run(cfg)
-    except FileNotFoundError as e:
-        print(f"vrpo hh-reward: {e}", file=sys.stderr)
-        return 2
+    with print_load_warnings("vrpo hh-reward"):  # skipped/repaired data lines, one summary line per file
+        result = run(cfg)
     print(f"hh-reward: {len(result['rows'])} result rows in {result['timing']['total_s']:.0f} s "
           f"(load + embed {result['timing']['load_and_embed_s']:.0f} s); wrote {cfg.out_dir}/results.json, "
           f"{cfg.fig_dir}/hh_reward_variance_accuracy.png and {cfg.fig_dir}/sections/hh_reward.md")
+    if not args.publish:
+        print(f"exploratory run; `vrpo hh-reward --publish` (same flags) writes the published figure and section "
+              f"into {PUBLISH_DIR}/")
     return 0

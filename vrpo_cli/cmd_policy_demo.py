@@ -1,92 +1,123 @@
-"""``vrpo policy-demo``: offline DPO vs VRPO on HH-RLHF with a small GPT-2 (llm.policy_demo),
-and ``vrpo policy-bench``: step time and peak memory of VRPOTrainer vs trl.DPOTrainer (llm.bench_policy)."""
+"""``vrpo policy-demo``: offline DPO vs VRPO on HH-RLHF with a small GPT-2 (llm.policy_demo).
+
+Exploratory by default: results, figure and fragment under ``--results-dir``
+(``results/policy_demo/``); ``--publish`` writes the figure and fragment into
+``paper_figures/`` instead (tracked in git).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
+
+from .configargs import ConfigFlags
+from .errors import UserError, check_writable
+
+HELP = "DPO vs VRPO on HH with a small GPT-2 trained offline: accuracy, judged win rates, gradient variance"
+PUBLISH_DIR = "paper_figures"
+
+HELPS = {
+    "data_path": "HH transcripts (jsonl.gz)",
+    "cache_dir": "cache of the tokenizer, pi_ref and samples",
+    "results_dir": "results directory (results.json, checkpoints; also the figure and fragment unless --publish)",
+    "fig_dir": "figure / fragment directory",
+    "seed": "master seed",
+    "n_train": "HH pairs for DPO/VRPO training",
+    "n_g": "pairs for fitting g (TF-IDF BT)",
+    "n_judge": "pairs for fitting the judge (MiniLM BT)",
+    "n_eval": "evaluation pairs",
+    "vocab_size": "BPE vocabulary size",
+    "n_layer": "GPT-2 layers",
+    "n_embd": "GPT-2 width (a multiple of --n-head)",
+    "n_head": "attention heads",
+    "max_prompt_tokens": "prompt truncation (tokens)",
+    "max_response_tokens": "response truncation (tokens)",
+    "sft_steps": "SFT steps for pi_ref",
+    "sft_batch_size": "SFT batch size",
+    "sft_lr": "SFT learning rate",
+    "temperature": "sampling temperature of a_1, a_2 ~ pi_ref",
+    "max_new_tokens": "tokens sampled per response",
+    "beta": "DPO beta",
+    "lam": "VRPO lam: a number, or auto (power-tuned online)",
+    "lr": "DPO/VRPO learning rate",
+    "batch_size": "DPO/VRPO batch size",
+    "grad_accum": "gradient accumulation steps",
+    "steps": "DPO/VRPO optimiser steps",
+    "warmup_steps": "learning-rate warm-up steps",
+    "shared_prompt": "VRPO's shared-prompt forward pass",
+    "precision": "fp32 or bf16",
+    "checkpoint_every": "checkpoint interval (steps; resumable)",
+    "probe_batch_size": "batch size of the gradient-variance probe",
+    "probe_pairs": "batches in the gradient-variance probe",
+    "n_gen_prompts": "prompts for judged generations (<= --n-eval)",
+    "gen_samples": "generations per prompt",
+    "smoke": "the seconds-long smoke configuration (tiny sizes)",
+}
+
+
+def flags() -> ConfigFlags:
+    return ConfigFlags("llm.policy_demo:DemoConfig", helps=HELPS,
+                       default_text={"data_path": "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz beside the "
+                                     "repository", "fig_dir": f"--results-dir; with --publish {PUBLISH_DIR}"})
+
+
+def fig_dir(args, results_dir: str, given: str | None) -> str:
+    if args.publish:
+        if given and given.rstrip("/") != PUBLISH_DIR:
+            raise UserError(f"--publish writes {PUBLISH_DIR}/; drop --fig-dir {given} or --publish")
+        return PUBLISH_DIR
+    return given or results_dir
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "policy-demo",
-        help="DPO vs VRPO on HH with a small GPT-2 trained offline: accuracy, judged win rates, gradient variance",
+        "policy-demo", help=HELP,
         description="Trains a BPE tokenizer and a small GPT-2 (pi_ref) on HH text, samples a_1, a_2 ~ pi_ref, fits g "
         "(TF-IDF BT) and a judge (MiniLM BT) on disjoint splits, trains DPO and VRPO from the same start and "
-        "evaluates them; writes results/policy_demo/results.json, paper_figures/llm_policy_summary.png and "
-        "paper_figures/sections/llm_policy.md. Every DemoConfig field is a flag (--n-train 1000 ...).",
-    )
-    from llm.policy_demo import DemoConfig
-
-    for f in dataclasses.fields(DemoConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="{true,false}")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            p.add_argument(flag, type=typ)
-    p.add_argument("--config", help="JSON file of DemoConfig fields; flags override it")
+        "evaluates them; writes results/policy_demo/ (results.json, llm_policy_summary.png, sections/llm_policy.md); "
+        f"--publish writes the figure and fragment into {PUBLISH_DIR}/ instead. Every DemoConfig field is a flag.")
+    p.add_argument("--publish", action="store_true",
+                   help=f"write the figure and report fragment into {PUBLISH_DIR}/ (tracked in git)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--report-from", metavar="RESULTS_JSON",
-                   help="only regenerate the figure and fragment from an existing results.json")
-    p.set_defaults(func=main, smoke_flag=None)
-
-    b = subparsers.add_parser(
-        "policy-bench",
-        help="step time and peak memory of VRPOTrainer (DPO and VRPO, naive and shared-prompt) vs trl.DPOTrainer",
-        description="Same model and batch for every variant; each variant runs in a fresh subprocess so its peak "
-        "memory is its own; variants interleaved over rounds. Model: a random GPT-2 of the demo's shape.",
-    )
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--prompt-tokens", type=int, default=192)
-    b.add_argument("--response-tokens", type=int, default=64)
-    b.add_argument("--steps", type=int, default=12)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--n-layer", type=int, default=4)
-    b.add_argument("--n-embd", type=int, default=128)
-    b.add_argument("--vocab", type=int, default=2048)
-    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants (min and median)")
-    b.add_argument("--out", default="results/policy_bench.json")
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=bench_main)
+                   help="only regenerate the figure and fragment from an existing results.json (into --fig-dir: the "
+                   "results.json's directory, or with --publish paper_figures) (default: none)")
+    flags().add_to(p)
+    p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from llm.policy_demo import DemoConfig, run
-
     if args.report_from:
-        from pathlib import Path
-
+        if not Path(args.report_from).is_file():
+            raise UserError(f"results file not found: {args.report_from}")
+        dest = fig_dir(args, str(Path(args.report_from).parent), args.fig_dir)
+        check_writable(dest, "figure directory")
         from llm.policy_report import write_report
 
         with open(args.report_from, encoding="utf-8") as fh:
             results = json.load(fh)
-        write_report(results, Path(args.fig_dir or results["config"]["fig_dir"]))
+        write_report(results, Path(dest))
+        print(f"policy-demo: figure and sections/llm_policy.md written to {dest}")
         return 0
-    over = {}
-    if args.config:
-        with open(args.config, encoding="utf-8") as fh:
-            over.update(json.load(fh))
-    for f in dataclasses.fields(DemoConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            over[f.name] = v
-    if over.get("smoke"):
-        from llm.policy_demo import smoke_config
+    from llm.policy_demo import smoke_config
 
-        cfg = smoke_config(**{k: v for k, v in over.items() if k != "smoke"})
-    else:
-        cfg = DemoConfig(**over)
+    f = flags()
+    given = {**f.from_file(args), **f.given(args)}
+    cfg = f.build(args, factory=smoke_config if given.get("smoke") else None)
+    cfg = dataclasses.replace(cfg, fig_dir=fig_dir(args, cfg.results_dir, given.get("fig_dir")))
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0
-    run(cfg)
-    return 0
+    for what, d in (("--results-dir", cfg.results_dir), ("figure directory", cfg.fig_dir),
+                    ("--cache-dir", cfg.cache_dir)):
+        check_writable(d, what)
+    from llm.data import print_load_warnings
+    from llm.policy_demo import run
 
-
-def bench_main(args) -> int:
-    from llm.bench_policy import run_benchmark
-
-    run_benchmark(vars(args))
+    with print_load_warnings("vrpo policy-demo"):  # skipped/repaired data lines, one summary line per file
+        run(cfg)
+    if not args.publish:
+        print(f"exploratory run; `vrpo policy-demo --publish` (same flags) writes the published figure and section "
+              f"into {PUBLISH_DIR}/")
     return 0

@@ -5,7 +5,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cmd_run import add_config_arguments, config_from_args
+from .errors import check_writable
+from .cmd_run import add_config_arguments, config_from_args, same_config
+
+HELP = "asymptotic theory (tr V, regret constant, optimal lam) vs simulation"
+
+
+def load_or_run(cfg, fresh: bool = False):
+    """``(df, meta, from_cache)``: ``cfg.output`` if it holds this configuration's results, else the
+    sweep (resuming from its cached cells). The stored config is compared without being parsed,
+    so a stale file (another configuration, a plugin scenario not loaded now, unreadable) is a
+    cache miss, not an error."""
+    from sim.runner import read_results, run_experiment
+
+    out = Path(cfg.output)
+    if out.exists() and not fresh and same_config(out, cfg):
+        df, meta = read_results(out)
+        return df, meta, True
+    run_experiment(cfg, resume=not fresh)
+    df, meta = read_results(out)
+    return df, meta, False
 
 
 def _theory(args) -> int:
@@ -14,12 +33,14 @@ def _theory(args) -> int:
     from analysis.compare import agreement_summary, compare_table, holm_table, sweep_theories
     from vrpo_common.stats import p_two_sided
     from analysis.theory import theory_cached
-    from analysis.figures import load_or_run
     from sim.runner import write_table
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, guard=not args.no_sim)  # --no-sim neither reads nor writes the sweep
     out = Path(cfg.output)
     cache = Path(args.theory_cache) if args.theory_cache else out.with_name(out.stem + ".theory")
+    check_writable(cache, "theory cache")
+    if args.table:
+        check_writable(args.table, "table")
     pd.set_option("display.width", 200)
     t0 = time.time()
     if args.no_sim:
@@ -57,17 +78,18 @@ def _theory(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("theory", help="asymptotic theory (tr V, regret constant, optimal lam) vs simulation",
+    p = sub.add_parser("theory", help=HELP,
                        description="Computes the population theory of docs/method.md s3 for every scenario x g of the "
                        "sweep and, unless --no-sim, runs (or reads) the sweep and writes the theory-vs-simulation "
-                       "table (n tr Cov vs tr V, n E[regret] vs tr(GV)/(2 beta), VR/MLE ratios, coverage, 3-SE flags).")
+                       "table (n tr Cov vs tr V, n E[regret] vs tr(GV)/(2 beta), VR/MLE ratios, coverage, 3-SE flags). The sweep "
+                       "is the one `vrpo run` with the same flags writes (same default output name).")
     add_config_arguments(p)
     p.add_argument("--no-sim", action="store_true", help="theory only (no Monte Carlo)")
     p.add_argument("--n-ctx", type=int, default=20000, help="contexts in the theory's sample (default 20000)")
     p.add_argument("--n-batches", type=int, default=20, help="batches for the jackknife SE (default 20)")
-    p.add_argument("--n-min", type=int, default=1000, help="smallest n counted in the agreement summary")
+    p.add_argument("--n-min", type=int, default=1000, help="smallest n counted in the agreement summary (default 1000)")
     p.add_argument("--holm-alpha", type=float, default=1e-3, help="family-wise level of the Holm correction (default 1e-3)")
-    p.add_argument("--table", help="output table (.csv or .parquet; default <output>_theory_vs_sim.csv)")
-    p.add_argument("--theory-cache", help="theory cache directory (default <output>.theory/)")
+    p.add_argument("--table", help="output table (.csv or .parquet) (default: <output>_theory_vs_sim.csv)")
+    p.add_argument("--theory-cache", help="theory cache directory (default: <output>.theory/)")
     p.add_argument("--fresh", action="store_true", help="recompute the sweep, ignoring cached cells")
     p.set_defaults(func=_theory)
