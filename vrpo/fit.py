@@ -439,9 +439,9 @@ def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge, scratch=None):
     scratch = scratch or Scratch()
     W, d, n = XT.shape
     eye = ridge * np.eye(d)
-    s = sigmoid_at(theta, XT, scratch("s_lab", (W, 1, n)))  # (W, n)
+    s = sigmoid_at(theta, XT, scratch("sig0", (W, 1, n)))  # (W, n)
     ra = s - Z
-    U = scratch("U", (W, 2 * d, n))  # scores a (rows :d) and b (rows d:) of the labelled prompts
+    U = scratch("rows0", (W, 2 * d, n))  # scores a (rows :d) and b (rows d:) of the labelled prompts
     work = scratch("U_work", (W, 2 * d, n))
     H_lab = _weighted_gram(XT, s * (1.0 - s) / n, work[:, :d])  # (W, d, d)
     if mode == "none" or g is None:
@@ -451,11 +451,11 @@ def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge, scratch=None):
         grad = mu_a + ridge * theta
         return {"parts": VarianceParts(A=_inv_psd(H), S0=S0, S1=zero, S2=zero, n=n), "H": H, "H_obj": H, "grad": grad}
     Na = XTa.shape[2]
-    sa = sigmoid_at(theta, XTa, scratch("s_aux", (W, 1, Na)))  # (W, N_aux)
+    sa = sigmoid_at(theta, XTa, scratch("sig1", (W, 1, Na)))  # (W, N_aux)
     rc = sa - ga
     rb = g - s  # -(s - g)
     # H_aux and E[rc^2 x x^T] in one product: (W, 2d, N_aux) weighted rows times the rows
-    buf = scratch("aux", (W, 2 * d, Na))
+    buf = scratch("rows1", (W, 2 * d, Na))
     np.multiply(XTa, (sa * (1.0 - sa) / Na)[:, None, :], out=buf[:, :d])
     np.multiply(XT, ra[:, None, :], out=U[:, :d])
     np.multiply(XT, rb[:, None, :], out=U[:, d:])

@@ -33,6 +33,7 @@ minimiser is there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ STOP_RULE, STOP_THETA_MAX, STOP_MAX_ITER, STOP_LINE_SEARCH = 0, 1, 2, 3
 _ACCEPT = 0.9  # accept a full step without evaluating F when |grad| falls below this fraction
 _CHORD_RATE = 0.01  # keep the factorised Hessian while |grad| falls at least this fast per step
 _ARMIJO = 1e-4
+_PREDICT = 0.1  # fast path: stop when the predicted next step is this fraction of the stopping rule's bound
 
 
 @dataclass
@@ -323,14 +325,17 @@ class Scratch:
     A new large array costs a page fault per 4 KiB page on its first touch: measured on
     the benchmark's chunk (6 replications of 8000 x 8 rows), the weighted copy of the
     rows took 50 us per replication into a new array, 18 us into a reused one. A caller
-    must not keep a scratch array past the next request for the same name.
+    must not keep a scratch array past the next request for the same name. Names used:
+    ``rows{k}`` and ``sig{k}``, weighted rows and sigmoids of block ``k`` (0 labelled, 1
+    extra pairs), by the solver and then by the sandwich, which run one after the other
+    (sharing keeps a chunk's working set small).
     """
 
     def __init__(self):
         self._mem = {}
 
     def __call__(self, name, shape):
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf = self._mem.get(name)
         if buf is None or buf.size < size:
             buf = self._mem[name] = np.empty(size)
@@ -358,13 +363,18 @@ def minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch=None):
     at ``theta = 0`` the sigmoids are exactly 1/2, so the first Hessian is a plain Gram
     matrix (no margins, no weights); a block with one curvature weight per replication
     scales ``XT s`` and the Hessian by it after the product; the final step may be a
-    chord step (no Hessian refresh just for it).
+    chord step (no Hessian refresh just for it); and a replication also stops when the
+    step after this one is predicted to pass the rule ten times over (``_PREDICT``) at
+    the rate ``rho <= _CHORD_RATE`` its gradient norm fell on the last step, which saves
+    the evaluation that would only confirm it.
 
     Returns ``(theta, stop, n_iter, chord)``: as :func:`minimise`, plus ``chord (W,)``, the
-    replications the fast loop finished. Their last step used a possibly reused Hessian,
-    so the caller checks the Newton step at the result (:func:`newton_step_small`, from
-    the gradient and Hessian it evaluates there anyway) and re-solves with
-    :func:`minimise` where it is not small. Every decision is per replication.
+    replications the fast loop finished. Their last step used a possibly reused Hessian
+    and their stop may be predicted, so the caller checks the Newton step at the result
+    (:func:`newton_step_small`, from the gradient and Hessian it evaluates there anyway)
+    and re-solves with :func:`minimise` where it does not pass the stopping rule: every
+    returned fit satisfies the rule at the returned ``theta`` itself. Every decision is
+    per replication.
     """
     with np.errstate(over="ignore"):
         theta, stop, n_iter, hard = _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch or Scratch())
@@ -460,7 +470,8 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     Hinv = np.zeros((W, d, d))
     need = np.ones(W, dtype=bool)  # Hessian to (re)factorise before the next step
     live = np.ones(W, dtype=bool)
-    buf = [scratch(f"weighted{j}", x.shape) for j, x in enumerate(XT)]
+    rho = np.full(W, np.inf)  # how fast |grad| fell on the last step
+    buf = [scratch(f"rows{k}", x.shape) for k, x in zip(ks, XT)]  # block k's weighted rows
     for it in range(1, max_iter + 1):
         r = need & live
         if r.any():
@@ -475,10 +486,16 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
         np.negative(p, out=p)
         slope = np.einsum("ij,ij->i", g, p)
         iter_out[idx[live]] = it
-        small = live & (np.abs(p).max(axis=1) <= tol * (1.0 + np.abs(th).max(axis=1)))
+        step = np.abs(p).max(axis=1)
+        bound = tol * (1.0 + np.abs(th).max(axis=1))
         thp = th + p
         # what only minimise handles: no descent, a step past theta_max (or NaN)
-        trouble = live & ~small & ~((slope < 0) & (np.abs(thp).max(axis=1) <= theta_max))
+        trouble = live & ~((slope < 0) & (np.abs(thp).max(axis=1) <= theta_max))
+        # stop: the step passes the rule, or the next one will by a factor 10 at the rate
+        # the gradient has been falling (rho <= _CHORD_RATE); the caller verifies either
+        # with the Newton step at the result
+        small = live & ((step <= bound) | (~trouble & (rho * step <= _PREDICT * bound)))
+        trouble &= ~small
         if small.any():
             th[small] += p[small]
             theta_out[idx[small]] = th[small]
@@ -491,16 +508,18 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
             keep = np.flatnonzero(live)
             XT, C, buf = [x[keep] for x in XT], [c[keep] for c in C], [x[:len(keep)] for x in buf]
             b, idx, th, thp, g, gn, live = b[keep], idx[keep], th[keep], thp[keep], g[keep], gn[keep], live[keep]
-            Hinv, need = Hinv[keep], need[keep]
+            Hinv, need, rho = Hinv[keep], need[keep], rho[keep]
             S = [s[keep] for s in S]
         th = np.where(live[:, None], thp, th)
-        S = [sigmoid_at(th, x, scratch(f"S{j}", (len(idx), 1, x.shape[2]))) for j, x in enumerate(XT)]
+        S = [sigmoid_at(th, x, scratch(f"sig{k}", (len(idx), 1, x.shape[2]))) for k, x in zip(ks, XT)]
         g_c = _fast_gradient(XT, C, S, b, th, ridge)
         gn_c = np.sqrt(np.einsum("ij,ij->i", g_c, g_c))
         fail = live & ~(gn_c <= _ACCEPT * gn)  # minimise would backtrack here (NaN included)
         hard[idx[fail]] = True
         live &= ~fail
         need = live & ~(gn_c <= _CHORD_RATE * gn)  # keep the factorised Hessian only on fast progress
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = np.where(need, np.inf, gn_c / gn)  # contraction of the last step (inf: no prediction)
         g, gn = g_c, gn_c
     hard[idx[live]] = True  # out of iterations: minimise decides
     return theta_out, stop_out, iter_out, hard
