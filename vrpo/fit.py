@@ -454,25 +454,29 @@ def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge, scratch=None):
     sa = sigmoid_at(theta, XTa, scratch("sig1", (W, 1, Na)))  # (W, N_aux)
     rc = sa - ga
     rb = g - s  # -(s - g)
-    # H_aux and E[rc^2 x x^T] in one product: (W, 2d, N_aux) weighted rows times the rows
-    buf = scratch("rows1", (W, 2 * d, Na))
+    # H_aux, E[rc^2 x x^T] and mean rc x in one product: (W, 2d + 1, N_aux) weighted rows
+    # (the last row rc itself) times the rows
+    buf = scratch("rows1", (W, 2 * d + 1, Na))
     np.multiply(XTa, (sa * (1.0 - sa) / Na)[:, None, :], out=buf[:, :d])
     np.multiply(XT, ra[:, None, :], out=U[:, :d])
     np.multiply(XT, rb[:, None, :], out=U[:, d:])
     if mode == "same":
         M = Na // n
-        Uc = np.multiply(XTa, rc[:, None, :], out=buf[:, d:])  # extra-pair scores c
+        Uc = np.multiply(XTa, rc[:, None, :], out=buf[:, d:2 * d])  # extra-pair scores c
         U[:, d:] += Uc.reshape(W, d, n, M).sum(axis=3) / M  # mean_m rc x per prompt (clustered)
-        H_aux = np.matmul(buf[:, :d], np.swapaxes(XTa, 1, 2))
+        buf[:, d] = rc
+        G = np.matmul(buf[:, :d + 1], np.swapaxes(XTa, 1, 2))  # (W, d + 1, d): H_aux, then N_aux mean rc x
+        H_aux, mu_rc = G[:, :d], G[:, d] / Na
         H_pool = (H_lab + M * H_aux) / (1.0 + M)
         mu_c = None
     else:
-        mu_c = np.matmul(XTa, rc[..., None])[..., 0] / Na  # (W, d)
-        np.multiply(XTa, (rc * rc)[:, None, :], out=buf[:, d:])
-        G = np.matmul(buf, np.swapaxes(XTa, 1, 2))  # (W, 2d, d): H_aux, then N_aux E[rc^2 x x^T]
+        np.multiply(XTa, (rc * rc)[:, None, :], out=buf[:, d:2 * d])
+        buf[:, 2 * d] = rc
+        G = np.matmul(buf, np.swapaxes(XTa, 1, 2))  # (W, 2d + 1, d): H_aux, N_aux E[rc^2 x x^T], N_aux mean rc x
         H_aux = G[:, :d]
+        mu_rc = mu_c = G[:, 2 * d] / Na  # (W, d)
         # Cov(c) = E[rc^2 x x^T] - mu_c mu_c^T; with one extra pair exactly 0 (not rounding)
-        C_c = np.where(Na > 1, G[:, d:] / Na - mu_c[:, :, None] * mu_c[:, None, :], 0.0)
+        C_c = np.where(Na > 1, G[:, d:2 * d] / Na - mu_c[:, :, None] * mu_c[:, None, :], 0.0)
         H_pool = (n * H_lab + Na * H_aux) / (n + Na)
     mu_b_lab = np.matmul(XT, rb[..., None])[..., 0] / n  # mean rb x (labelled rows only)
     C, mu = _centred_gram(U, work, n)  # (W, 2d, 2d)
@@ -491,7 +495,6 @@ def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge, scratch=None):
         H_obj = (1.0 - lam_) * H_lab + lam_ * H_aux + eye
         # grad of (1-lam)/n sum softplus - (Z - lam g)/n . delta + lam/Na sum (softplus - ga delta)
         #   = mean (s - Z) x + lam mean (g - s) x + lam mean (sa - ga) x
-        mu_rc = mu_c if mu_c is not None else np.matmul(XTa, rc[..., None])[..., 0] / Na
         grad = mu_a + lam[:, None] * (mu_b_lab + mu_rc) + ridge * theta
     parts = VarianceParts(A=_inv_psd(H), S0=S0, S1=S1, S2=S2, n=n)
     return {"parts": parts, "H": H, "H_obj": H_obj, "grad": grad}

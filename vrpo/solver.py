@@ -376,8 +376,9 @@ def minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch=None):
     returned fit satisfies the rule at the returned ``theta`` itself. Every decision is
     per replication.
     """
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # inf/NaN: handed to minimise
         theta, stop, n_iter, hard = _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch or Scratch())
+    with np.errstate(over="ignore"):
         h = np.flatnonzero(hard)
         if h.size:
             theta[h], stop[h], n_iter[h] = _minimise(B.take(h), theta0[h], ridge, tol, max_iter, theta_max)
@@ -468,58 +469,64 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     g = _fast_gradient(XT, C, S, b, th, ridge)
     gn = np.sqrt(np.einsum("ij,ij->i", g, g))
     Hinv = np.zeros((W, d, d))
-    need = np.ones(W, dtype=bool)  # Hessian to (re)factorise before the next step
+    need = np.ones(W, dtype=bool)  # Hessian to (re)factorise before the next step (live ones only)
     live = np.ones(W, dtype=bool)
     rho = np.full(W, np.inf)  # how fast |grad| fell on the last step
     buf = [scratch(f"rows{k}", x.shape) for k, x in zip(ks, XT)]  # block k's weighted rows
     for it in range(1, max_iter + 1):
-        r = need & live
-        if r.any():
+        if need.any():  # need implies live
             at_zero = zero if it == 1 else np.zeros(len(idx), dtype=bool)  # th is still theta0 only at it 1
-            if r.all():
+            if need.all():
                 Hinv[:] = _inverse(_fast_hessian(XT, C, S, ridge, None, at_zero, buf))
             else:
-                r = np.flatnonzero(r)
+                r = np.flatnonzero(need)
                 Hinv[r] = _inverse(_fast_hessian(XT, C, S, ridge, r, at_zero[r], buf))
-            need[:] = False
         p = np.matmul(Hinv, g[..., None])[..., 0]
         np.negative(p, out=p)
         slope = np.einsum("ij,ij->i", g, p)
-        iter_out[idx[live]] = it
         step = np.abs(p).max(axis=1)
-        bound = tol * (1.0 + np.abs(th).max(axis=1))
+        bound = np.abs(th).max(axis=1)
+        bound += 1.0
+        bound *= tol
         thp = th + p
         # what only minimise handles: no descent, a step past theta_max (or NaN)
-        trouble = live & ~((slope < 0) & (np.abs(thp).max(axis=1) <= theta_max))
+        ok = (slope < 0) & (np.abs(thp).max(axis=1) <= theta_max)
         # stop: the step passes the rule, or the next one will by a factor 10 at the rate
         # the gradient has been falling (rho <= _CHORD_RATE); the caller verifies either
         # with the Newton step at the result
-        small = live & ((step <= bound) | (~trouble & (rho * step <= _PREDICT * bound)))
-        trouble &= ~small
-        if small.any():
-            th[small] += p[small]
-            theta_out[idx[small]] = th[small]
-            stop_out[idx[small]] = STOP_RULE
-        hard[idx[trouble]] = True
-        live &= ~(small | trouble)
-        if not live.any():
-            break
-        if live.sum() <= 0.5 * len(idx) and len(idx) > 1:  # drop finished replications
-            keep = np.flatnonzero(live)
-            XT, C, buf = [x[keep] for x in XT], [c[keep] for c in C], [x[:len(keep)] for x in buf]
-            b, idx, th, thp, g, gn, live = b[keep], idx[keep], th[keep], thp[keep], g[keep], gn[keep], live[keep]
-            Hinv, need, rho = Hinv[keep], need[keep], rho[keep]
-            S = [s[keep] for s in S]
-        th = np.where(live[:, None], thp, th)
+        small = live & ((step <= bound) | (ok & (rho * step <= _PREDICT * bound)))
+        trouble = live & ~small & ~ok
+        done = small | trouble
+        if done.any():
+            iter_out[idx[done]] = it
+            fin = idx[small]
+            theta_out[fin] = thp[small]
+            stop_out[fin] = STOP_RULE
+            hard[idx[trouble]] = True
+            live &= ~done
+            if not live.any():
+                break
+            if live.sum() <= 0.5 * len(idx):  # drop finished replications
+                keep = np.flatnonzero(live)
+                XT, C, buf = [x[keep] for x in XT], [c[keep] for c in C], [x[:len(keep)] for x in buf]
+                b, idx, th, thp, g, gn, live = b[keep], idx[keep], th[keep], thp[keep], g[keep], gn[keep], live[keep]
+                Hinv, rho = Hinv[keep], rho[keep]
+            th = np.where(live[:, None], thp, th)
+        else:
+            th = thp
         S = [sigmoid_at(th, x, scratch(f"sig{k}", (len(idx), 1, x.shape[2]))) for k, x in zip(ks, XT)]
         g_c = _fast_gradient(XT, C, S, b, th, ridge)
         gn_c = np.sqrt(np.einsum("ij,ij->i", g_c, g_c))
         fail = live & ~(gn_c <= _ACCEPT * gn)  # minimise would backtrack here (NaN included)
-        hard[idx[fail]] = True
-        live &= ~fail
-        need = live & ~(gn_c <= _CHORD_RATE * gn)  # keep the factorised Hessian only on fast progress
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rho = np.where(need, np.inf, gn_c / gn)  # contraction of the last step (inf: no prediction)
+        if fail.any():
+            iter_out[idx[fail]] = it
+            hard[idx[fail]] = True
+            live &= ~fail
+        ratio = gn_c / gn
+        need = live & ~(ratio <= _CHORD_RATE)  # keep the factorised Hessian only on fast progress
+        rho = np.where(need, np.inf, ratio)  # contraction of the last step (inf: no prediction)
         g, gn = g_c, gn_c
-    hard[idx[live]] = True  # out of iterations: minimise decides
+    else:  # out of iterations: minimise decides
+        iter_out[idx[live]] = max_iter
+        hard[idx[live]] = True
     return theta_out, stop_out, iter_out, hard
