@@ -55,12 +55,15 @@ class Blocks:
 
     ``XT``: list of ``(W, d, rows_k)`` C-contiguous float64 blocks; ``c``: matching
     curvature weights, ``(W, 1)`` (one weight per block and replication) or
-    ``(W, rows_k)``; ``b (W, d)``: the linear part ``sum_rows t_r x_r``.
+    ``(W, rows_k)``; ``b (W, d)``: the linear part ``sum_rows t_r x_r``; ``rowsum``:
+    ``sum_rows x_r`` per block, ``(W, d)`` (computed with ``b`` in the same pass; the
+    gradient at ``theta = 0``, where every sigmoid is 1/2, needs nothing else).
     """
 
     XT: list
     c: list
     b: np.ndarray
+    rowsum: list | None = None
 
     @classmethod
     def from_rows(cls, Xs, cs, ts, transposed=False):
@@ -69,17 +72,22 @@ class Blocks:
         XT = [np.ascontiguousarray(x if transposed else np.swapaxes(x, 1, 2), dtype=float) for x in Xs]
         W, d = XT[0].shape[:2]
         b = np.zeros((W, d))
+        rowsum = []
         for xt, t in zip(XT, ts):
-            b += np.matmul(xt, np.asarray(t, dtype=float)[..., None])[..., 0]  # (W, d)
+            t = np.asarray(t, dtype=float)
+            bt = np.matmul(xt, np.stack([t, np.ones_like(t)], axis=-1))  # (W, d, 2): one pass for both
+            b += bt[..., 0]
+            rowsum.append(bt[..., 1])
         c = [np.asarray(ci, dtype=float).reshape(W, -1) for ci in cs]
-        return cls(XT, c, b)
+        return cls(XT, c, b, rowsum)
 
     @property
     def shape(self):
         return self.b.shape
 
     def take(self, idx):
-        return Blocks([x[idx] for x in self.XT], [c[idx] for c in self.c], self.b[idx])
+        return Blocks([x[idx] for x in self.XT], [c[idx] for c in self.c], self.b[idx],
+                      None if self.rowsum is None else [r[idx] for r in self.rowsum])
 
     def active(self):
         """Indices of blocks with some non-zero curvature (the others are all in ``b``)."""
@@ -455,7 +463,10 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     b = B.b
     th = np.array(theta0, dtype=float)
     zero = ~np.any(th != 0, axis=1)  # starts at 0: every sigmoid is exactly 1/2
-    if zero.all():
+    scalar_c = all(c.shape[1] == 1 for c in C)
+    if zero.all() and B.rowsum is not None and scalar_c:
+        S = [None] * len(XT)  # not needed: the first Hessian is a Gram matrix, the gradient below
+    elif zero.all():
         S = [np.full((W, x.shape[2]), 0.5) for x in XT]
     else:
         delta = {k: np.matmul(th[:, None, :], B.XT[k])[:, 0, :] for k in ks}
@@ -466,7 +477,12 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     iter_out = np.zeros(W, dtype=int)
     hard = np.zeros(W, dtype=bool)
     idx = np.arange(W)  # original index of each working replication
-    g = _fast_gradient(XT, C, S, b, th, ridge)
+    if S[0] is None:
+        g = -b  # at theta = 0: sum_k c_k / 2 sum_rows x_r - b, no pass over the rows
+        for k, c in zip(ks, C):
+            g = g + (0.5 * c) * B.rowsum[k]
+    else:
+        g = _fast_gradient(XT, C, S, b, th, ridge)
     gn = np.sqrt(np.einsum("ij,ij->i", g, g))
     Hinv = np.zeros((W, d, d))
     need = np.ones(W, dtype=bool)  # Hessian to (re)factorise before the next step (live ones only)
