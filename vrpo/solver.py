@@ -464,7 +464,8 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     th = np.array(theta0, dtype=float)
     zero = ~np.any(th != 0, axis=1)  # starts at 0: every sigmoid is exactly 1/2
     scalar_c = all(c.shape[1] == 1 for c in C)
-    if zero.all() and B.rowsum is not None and scalar_c:
+    from_rowsum = bool(zero.all() and B.rowsum is not None and scalar_c)
+    if from_rowsum:
         S = [None] * len(XT)  # not needed: the first Hessian is a Gram matrix, the gradient below
     elif zero.all():
         S = [np.full((W, x.shape[2]), 0.5) for x in XT]
@@ -477,7 +478,7 @@ def _minimise_fast(B, theta0, ridge, tol, max_iter, theta_max, scratch):
     iter_out = np.zeros(W, dtype=int)
     hard = np.zeros(W, dtype=bool)
     idx = np.arange(W)  # original index of each working replication
-    if S[0] is None:
+    if from_rowsum:
         g = -b  # at theta = 0: sum_k c_k / 2 sum_rows x_r - b, no pass over the rows
         for k, c in zip(ks, C):
             g = g + (0.5 * c) * B.rowsum[k]
