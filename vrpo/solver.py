@@ -27,6 +27,12 @@ The solver is a Newton method built for this structure (issue 9):
   further stops there (no finite minimiser, or one beyond the bound), as does one
   whose line search fails; the stopping rule is ``max|step| <= tol (1 + max|theta|)``.
 
+:func:`minimise_fast` runs the common case of the same method in a lean loop (no
+objective, no line search, no bound handling; the first Hessian at ``theta = 0`` a
+Gram matrix; a final chord step and a predicted stop, both verified by the caller
+with :func:`newton_step_small` at the result) and hands every replication that needs
+a safeguard to :func:`minimise`. :func:`vrpo.fit_bt` uses it.
+
 Stopping is not convergence: :func:`vrpo.separation.certify` decides whether a
 minimiser is there.
 """
