@@ -454,29 +454,28 @@ def _final_chunk(theta, XT, Z, g, XTa, ga, mode, lam, ridge, scratch=None):
     sa = sigmoid_at(theta, XTa, scratch("sig1", (W, 1, Na)))  # (W, N_aux)
     rc = sa - ga
     rb = g - s  # -(s - g)
-    # H_aux, E[rc^2 x x^T] and mean rc x in one product: (W, 2d + 1, N_aux) weighted rows
-    # (the last row rc itself) times the rows
-    buf = scratch("rows1", (W, 2 * d + 1, Na))
-    np.multiply(XTa, (sa * (1.0 - sa) / Na)[:, None, :], out=buf[:, :d])
+    # H_aux and E[rc^2 x x^T]: (W, 2, d, N_aux) weighted rows times the rows, as a batch of
+    # d x d products (OpenBLAS measured 2.2x slower on one (2d x N_aux)(N_aux x d) product)
+    buf = scratch("rows1", (W, 2, d, Na))
+    np.multiply(XTa, (sa * (1.0 - sa) / Na)[:, None, :], out=buf[:, 0])
+    mu_rc = np.matmul(XTa, rc[..., None])[..., 0] / Na  # (W, d): mean rc x
     np.multiply(XT, ra[:, None, :], out=U[:, :d])
     np.multiply(XT, rb[:, None, :], out=U[:, d:])
+    XTa_T = np.swapaxes(XTa, 1, 2)  # (W, N_aux, d)
     if mode == "same":
         M = Na // n
-        Uc = np.multiply(XTa, rc[:, None, :], out=buf[:, d:2 * d])  # extra-pair scores c
+        Uc = np.multiply(XTa, rc[:, None, :], out=buf[:, 1])  # extra-pair scores c
         U[:, d:] += Uc.reshape(W, d, n, M).sum(axis=3) / M  # mean_m rc x per prompt (clustered)
-        buf[:, d] = rc
-        G = np.matmul(buf[:, :d + 1], np.swapaxes(XTa, 1, 2))  # (W, d + 1, d): H_aux, then N_aux mean rc x
-        H_aux, mu_rc = G[:, :d], G[:, d] / Na
+        H_aux = np.matmul(buf[:, 0], XTa_T)
         H_pool = (H_lab + M * H_aux) / (1.0 + M)
         mu_c = None
     else:
-        np.multiply(XTa, (rc * rc)[:, None, :], out=buf[:, d:2 * d])
-        buf[:, 2 * d] = rc
-        G = np.matmul(buf, np.swapaxes(XTa, 1, 2))  # (W, 2d + 1, d): H_aux, N_aux E[rc^2 x x^T], N_aux mean rc x
-        H_aux = G[:, :d]
-        mu_rc = mu_c = G[:, 2 * d] / Na  # (W, d)
+        np.multiply(XTa, (rc * rc)[:, None, :], out=buf[:, 1])
+        G = np.matmul(buf, XTa_T[:, None])  # (W, 2, d, d): H_aux, N_aux E[rc^2 x x^T]
+        H_aux = G[:, 0]
+        mu_c = mu_rc
         # Cov(c) = E[rc^2 x x^T] - mu_c mu_c^T; with one extra pair exactly 0 (not rounding)
-        C_c = np.where(Na > 1, G[:, d:2 * d] / Na - mu_c[:, :, None] * mu_c[:, None, :], 0.0)
+        C_c = np.where(Na > 1, G[:, 1] / Na - mu_c[:, :, None] * mu_c[:, None, :], 0.0)
         H_pool = (n * H_lab + Na * H_aux) / (n + Na)
     mu_b_lab = np.matmul(XT, rb[..., None])[..., 0] / n  # mean rb x (labelled rows only)
     C, mu = _centred_gram(U, work, n)  # (W, 2d, 2d)
