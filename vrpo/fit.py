@@ -392,7 +392,8 @@ def _solve(B, start, ridge, tol, max_iter, theta_max, scratch, final):
     step at the result (from the gradient and Hessian that ``final`` computes there
     anyway) must pass the stopping rule, or the replication is solved again by
     :func:`vrpo.solver.minimise` (a true Newton step last). ``final(r, theta_r)`` returns
-    :func:`_final_chunk`'s dict for replications ``r`` (a slice or indices) at ``theta_r``. Returns ``(theta, stop, n_iter, fin)``.
+    :func:`_final_chunk`'s dict for replications ``r`` (a slice or indices) at ``theta_r``.
+    Returns ``(theta, stop, n_iter, fin)``.
     """
     theta, stop, it, chord = minimise_fast(B, start, ridge, tol, max_iter, theta_max, scratch)
     everything = slice(None)
