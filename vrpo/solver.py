@@ -44,7 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Blocks", "Scratch", "evaluate", "minimise", "minimise_fast", "newton_step_small", "STOP_RULE", "STOP_THETA_MAX", "STOP_MAX_ITER", "STOP_LINE_SEARCH"]
+__all__ = ["Blocks", "Scratch", "evaluate", "minimise", "minimise_fast", "newton_step_small", "sigmoid_at",
+           "STOP_RULE", "STOP_THETA_MAX", "STOP_MAX_ITER", "STOP_LINE_SEARCH"]
 
 # why minimise stopped, per replication
 STOP_RULE, STOP_THETA_MAX, STOP_MAX_ITER, STOP_LINE_SEARCH = 0, 1, 2, 3
