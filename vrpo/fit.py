@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import expit, ndtri
 
 from .separation import STATUS_HELP, certify, diagnose
-from .solver import (STOP_MAX_ITER, STOP_RULE, STOP_THETA_MAX, Blocks, Scratch, _sigmoid, evaluate, gradient, minimise,
+from .solver import (STOP_MAX_ITER, STOP_RULE, STOP_THETA_MAX, Blocks, Scratch, evaluate, gradient, minimise,
                      minimise_fast, newton_step_small, sigmoid_at)
 from .variance import VarianceParts, _inv_psd, margins, pair_hessian, xtwx
 
