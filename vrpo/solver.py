@@ -218,7 +218,8 @@ def _minimise(B, theta0, ridge, tol, max_iter, theta_max):
     idx = np.arange(W)  # original index of each working replication
     Bw = B
     th = theta_out.copy()
-    delta = margins(Bw, th)
+    ks = B.active()  # fixed for the whole solve: dropping replications must not change the blocks
+    delta = margins(Bw, th, ks)
     reset = _restart_far(Bw, th, delta, ridge)
     theta_out[reset] = 0.0
     s = {k: _sigmoid(v) for k, v in delta.items()}
@@ -281,7 +282,7 @@ def _minimise(B, theta0, ridge, tol, max_iter, theta_max):
             if over.any():  # land exactly inside the bound despite rounding
                 cand[over] = np.clip(cand[over], -theta_max, theta_max)
                 p[over] = cand[over] - th[over]
-            d_c = margins(Bw, cand)
+            d_c = margins(Bw, cand, ks)
             s_c = {k: _sigmoid(v) for k, v in d_c.items()}
             g_c = gradient(Bw, cand, s_c, ridge)
             gn_c = np.linalg.norm(g_c, axis=1)
