@@ -36,8 +36,8 @@ ALPHA_FIG = 1e-3  # family-wise level of the figure-sweep comparisons (Holm)
 __all__ = ["write_report", "render_report", "readme_block", "SECTION_ORDER", "README_START", "README_END"]
 
 SECTION_ORDER = (
-    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward`)"),
-    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo`)"),
+    ("hh_reward.md", "real-data reward model on HH-RLHF (`vrpo hh-reward --publish`)"),
+    ("llm_policy.md", "LLM policy fine-tuning, DPO vs VRPO (`vrpo policy-demo --publish`)"),
     ("llm_regret.md", "regret curves on a language model with a known gold preference (`vrpo llm-regret --publish`)"),
 )
 VALIDATION_SECTION = ("validation.md", "independent high-power checks and mutation tests (`vrpo validate --default "

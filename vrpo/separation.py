@@ -72,10 +72,12 @@ def certify(grad, H, colmax, ridge=0.0, convex=True):
         mu_all = np.linalg.eigvalsh(0.5 * (Hs + np.swapaxes(Hs, 1, 2)))[:, 0]
     if not convex:
         return ok & (mu_all > _RANK_RTOL)
-    eps = np.linalg.norm(grad / D, axis=1)
-    L = np.sqrt(np.sum((colmax / D) ** 2, axis=1))
-    r_min = ridge / np.max(D**2, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # at separated fits the curvature D is tiny and colmax / D overflows: L = inf gives
+    # bound 0 (not certified), the right answer, so the overflow is not worth a warning
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        eps = np.linalg.norm(grad / D, axis=1)
+        L = np.sqrt(np.sum((colmax / D) ** 2, axis=1))
+        r_min = ridge / np.max(D**2, axis=1)
         bound = (np.exp(-1.0) * np.maximum(mu, 0.0) + 0.5 * r_min) / np.maximum(L, 1e-300)
     # mu_all <= _RANK_RTOL: numerically singular (condition number of the scaled Hessian
     # beyond ~1e10): no certificate, whatever the gradient says

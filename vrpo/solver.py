@@ -7,7 +7,7 @@ Every objective is, per replication (the ``W`` leading rows of every array),
 ``b = sum_rows t_r x_r`` (the linear part, computed once: at ``lam = 1`` the labelled
 pairs contribute only to ``b``, and their rows are never touched by the iterations).
 
-The solver is a Newton method built for this structure (issue 9):
+The solver is a Newton method built for this structure:
 
 - rows are stored transposed, ``XT (W, d, rows)``, one C-contiguous block per row
   group, so margins ``theta XT``, the gradient ``XT s`` and the Hessian
