@@ -59,7 +59,9 @@ def make_figure(result: dict, fig_dir: Path, save) -> list[Path]:
         ax_v.set_xscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
         ax_v.yaxis.set_major_formatter(plain)
-        ax_v.yaxis.set_minor_formatter(plain)
+        # label only the 2s and 5s among the minor ticks (0.9, 3, 4, 6, ... would crowd the axis)
+        ax_v.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda y, _: f"{y:g}" if round(y / 10 ** np.floor(np.log10(y)), 6) in (2.0, 5.0) else ""))
         ax_v.tick_params(axis="y", which="minor", labelsize=7)
         ax_v.set_title(f"{cell}\npool {info[cell]['pool']}, held-out {info[cell]['heldout']}, "
                        f"agree {info[cell]['agree_pool']:.2f}", fontsize=9)
