@@ -10,16 +10,14 @@ import time
 
 from .configargs import available_cores
 from .errors import UserError, check_writable
+from .publish import PUBLISH_DIR, output_dir
 
 HELP = "draw the figure set F1-F7 and REPORT.md (results/figures/; --publish: paper_figures/)"
 EXPLORE_DIR = "results/figures"
-PUBLISH_DIR = "paper_figures"
 
 
 def out_dir(args) -> str:
-    if args.publish and args.out_dir and args.out_dir.rstrip("/") != PUBLISH_DIR:
-        raise UserError(f"--publish writes {PUBLISH_DIR}/; drop --out-dir {args.out_dir} or --publish")
-    return PUBLISH_DIR if args.publish else (args.out_dir or EXPLORE_DIR)
+    return output_dir(args.publish, args.out_dir, EXPLORE_DIR, "--out-dir")
 
 
 def _figures(args) -> int:

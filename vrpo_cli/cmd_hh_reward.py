@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .configargs import ConfigFlags
 from .errors import UserError, check_writable
+from .publish import PUBLISH_DIR, output_dir
 
 HELP = "VR reward model on HH-RLHF human labels with a GPT-3.5 annotator as g (real data)"
-PUBLISH_DIR = "paper_figures"
 
 HELPS = {
     "data_dir": "directory holding relabeled-hh-rlhf/",
@@ -49,11 +49,7 @@ def flags() -> ConfigFlags:
 
 
 def fig_dir(args, out_dir: str, given: str | None) -> str:
-    if args.publish:
-        if given and given.rstrip("/") != PUBLISH_DIR:
-            raise UserError(f"--publish writes {PUBLISH_DIR}/; drop --fig-dir {given} or --publish")
-        return PUBLISH_DIR
-    return given or out_dir
+    return output_dir(args.publish, given, out_dir, "--fig-dir")
 
 
 def register(subparsers) -> None:

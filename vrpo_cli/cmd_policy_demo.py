@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .configargs import ConfigFlags
 from .errors import UserError, check_writable
+from .publish import PUBLISH_DIR, output_dir
 
 HELP = "DPO vs VRPO on HH with a small GPT-2 trained offline: accuracy, judged win rates, gradient variance"
-PUBLISH_DIR = "paper_figures"
 
 HELPS = {
     "data_path": "HH transcripts (jsonl.gz)",
@@ -63,11 +63,7 @@ def flags() -> ConfigFlags:
 
 
 def fig_dir(args, results_dir: str, given: str | None) -> str:
-    if args.publish:
-        if given and given.rstrip("/") != PUBLISH_DIR:
-            raise UserError(f"--publish writes {PUBLISH_DIR}/; drop --fig-dir {given} or --publish")
-        return PUBLISH_DIR
-    return given or results_dir
+    return output_dir(args.publish, given, results_dir, "--fig-dir")
 
 
 def register(subparsers) -> None:
