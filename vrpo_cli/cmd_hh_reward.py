@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from .configargs import ConfigFlags
-from .errors import UserError, check_writable
-from .publish import PUBLISH_DIR, output_dir
+from .errors import check_writable
+from .publish import PUBLISH_DIR, add_publish_flag, exploratory_notice, output_dir, redraw_dir
 
 HELP = "VR reward model on HH-RLHF human labels with a GPT-3.5 annotator as g (real data)"
 
@@ -48,10 +47,6 @@ def flags() -> ConfigFlags:
                                      + PUBLISH_DIR})
 
 
-def fig_dir(args, out_dir: str, given: str | None) -> str:
-    return output_dir(args.publish, given, out_dir, "--fig-dir")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "hh-reward", help=HELP,
@@ -59,8 +54,7 @@ def register(subparsers) -> None:
         "VR-auto; writes results/hh_reward/ (results.json, hh_reward_*.png, sections/hh_reward.md); --publish "
         f"writes the figure and fragment into {PUBLISH_DIR}/ instead. List flags take spaces or commas.")
     p.add_argument("--smoke", action="store_true", help="the seconds-long smoke configuration (other defaults)")
-    p.add_argument("--publish", action="store_true",
-                   help=f"write the figure and report fragment into {PUBLISH_DIR}/ (tracked in git)")
+    add_publish_flag(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="only redraw the figure and fragment from a saved results.json (into --fig-dir: the "
@@ -71,10 +65,7 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     if args.from_results:
-        if not Path(args.from_results).is_file():
-            raise UserError(f"results file not found: {args.from_results}")
-        dest = fig_dir(args, str(Path(args.from_results).parent), args.fig_dir)
-        check_writable(dest, "figure directory")
+        dest = redraw_dir(args, args.from_results)
         from llm.hh_reward import regenerate
 
         out = regenerate(args.from_results, dest)
@@ -85,7 +76,7 @@ def main(args) -> int:
     f = flags()
     given_fig = f.given(args).get("fig_dir") or f.from_file(args).get("fig_dir")
     cfg = f.build(args, factory=smoke_config if args.smoke else None)
-    cfg = dataclasses.replace(cfg, fig_dir=fig_dir(args, cfg.out_dir, given_fig))
+    cfg = dataclasses.replace(cfg, fig_dir=output_dir(args.publish, given_fig, cfg.out_dir, "--fig-dir"))
     if args.print_config:
         print(json.dumps(cfg.resolved(), indent=1))
         return 0
@@ -99,7 +90,5 @@ def main(args) -> int:
     print(f"hh-reward: {len(result['rows'])} result rows in {result['timing']['total_s']:.0f} s "
           f"(load + embed {result['timing']['load_and_embed_s']:.0f} s); wrote {cfg.out_dir}/results.json, "
           f"{cfg.fig_dir}/hh_reward_variance_accuracy.png and {cfg.fig_dir}/sections/hh_reward.md")
-    if not args.publish:
-        print(f"exploratory run; `vrpo hh-reward --publish` (same flags) writes the published figure and section "
-              f"into {PUBLISH_DIR}/")
+    exploratory_notice("hh-reward", args.publish)
     return 0

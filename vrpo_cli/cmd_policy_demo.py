@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from .configargs import ConfigFlags
-from .errors import UserError, check_writable
-from .publish import PUBLISH_DIR, output_dir
+from .errors import check_writable
+from .publish import PUBLISH_DIR, add_publish_flag, exploratory_notice, output_dir, redraw_dir
 
 HELP = "DPO vs VRPO on HH with a small GPT-2 trained offline: accuracy, judged win rates, gradient variance"
 
@@ -62,10 +62,6 @@ def flags() -> ConfigFlags:
                                      "repository", "fig_dir": f"--results-dir; with --publish {PUBLISH_DIR}"})
 
 
-def fig_dir(args, results_dir: str, given: str | None) -> str:
-    return output_dir(args.publish, given, results_dir, "--fig-dir")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "policy-demo", help=HELP,
@@ -73,8 +69,7 @@ def register(subparsers) -> None:
         "(TF-IDF BT) and a judge (MiniLM BT) on disjoint splits, trains DPO and VRPO from the same start and "
         "evaluates them; writes results/policy_demo/ (results.json, llm_policy_summary.png, sections/llm_policy.md); "
         f"--publish writes the figure and fragment into {PUBLISH_DIR}/ instead. Every DemoConfig field is a flag.")
-    p.add_argument("--publish", action="store_true",
-                   help=f"write the figure and report fragment into {PUBLISH_DIR}/ (tracked in git)")
+    add_publish_flag(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--report-from", metavar="RESULTS_JSON",
                    help="only regenerate the figure and fragment from an existing results.json (into --fig-dir: the "
@@ -85,10 +80,7 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     if args.report_from:
-        if not Path(args.report_from).is_file():
-            raise UserError(f"results file not found: {args.report_from}")
-        dest = fig_dir(args, str(Path(args.report_from).parent), args.fig_dir)
-        check_writable(dest, "figure directory")
+        dest = redraw_dir(args, args.report_from)
         from llm.policy_report import write_report
 
         with open(args.report_from, encoding="utf-8") as fh:
@@ -101,7 +93,7 @@ def main(args) -> int:
     f = flags()
     given = {**f.from_file(args), **f.given(args)}
     cfg = f.build(args, factory=smoke_config if given.get("smoke") else None)
-    cfg = dataclasses.replace(cfg, fig_dir=fig_dir(args, cfg.results_dir, given.get("fig_dir")))
+    cfg = dataclasses.replace(cfg, fig_dir=output_dir(args.publish, given.get("fig_dir"), cfg.results_dir, "--fig-dir"))
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0
@@ -113,7 +105,5 @@ def main(args) -> int:
 
     with print_load_warnings("vrpo policy-demo"):  # skipped/repaired data lines, one summary line per file
         run(cfg)
-    if not args.publish:
-        print(f"exploratory run; `vrpo policy-demo --publish` (same flags) writes the published figure and section "
-              f"into {PUBLISH_DIR}/")
+    exploratory_notice("policy-demo", args.publish)
     return 0
